@@ -1,0 +1,109 @@
+"""Selection strategies: static sizes, ascending order, exact against brute-force references."""
+
+import pytest
+import torch
+
+from vprune.scoring import cosine_distance
+from vprune.selection import check_scores, dual_select, greedy_max_min, select_tokens
+
+
+def _brute_greedy(emb, k, candidates=None, first=None):
+    """A plain-Python greedy max-min reference for one row."""
+    d = cosine_distance(emb[None])[0].tolist()
+    n = len(d)
+    cand = list(range(n)) if candidates is None else [i for i in range(n) if candidates[i]]
+    if first is None:
+        def nearest(i):
+            others = [d[i][j] for j in cand if j != i]
+            return min(others) if others else 0.0
+        best = max(nearest(i) for i in cand)
+        first = min(i for i in cand if nearest(i) == best)
+    chosen = [first]
+    while len(chosen) < k:
+        gains = {i: min(d[i][j] for j in chosen) for i in cand if i not in chosen}
+        best = max(gains.values())
+        chosen.append(min(i for i, g in gains.items() if g == best))
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_max_min_matches_brute_force_reference(seed):
+    torch.manual_seed(seed)
+    emb = torch.randn(3, 13, 6)
+    got = greedy_max_min(emb, 5)
+    assert got.shape == (3, 5) and got.dtype == torch.int64
+    for b in range(3):
+        assert got[b].tolist() == _brute_greedy(emb[b], 5)
+
+
+def test_greedy_max_min_restricted_to_candidates_and_deterministic():
+    torch.manual_seed(5)
+    emb = torch.randn(2, 10, 4)
+    cand = torch.zeros(2, 10, dtype=torch.bool)
+    cand[0, [1, 3, 4, 7, 9]] = True
+    cand[1, [0, 2, 5, 6]] = True
+    a = greedy_max_min(emb, 3, candidates=cand)
+    b = greedy_max_min(emb, 3, candidates=cand)
+    assert torch.equal(a, b)
+    for row in range(2):
+        assert set(a[row].tolist()) <= set(torch.nonzero(cand[row]).flatten().tolist())
+        assert a[row].tolist() == _brute_greedy(emb[row], 3, cand[row].tolist())
+
+
+def test_greedy_prefers_spread_out_points():
+    # two tight clusters and one outlier: a 3-token budget must take one of each
+    emb = torch.tensor([[[1.0, 0.01], [1.0, 0.0], [0.0, 1.0], [0.01, 1.0], [-1.0, -1.0]]])
+    got = greedy_max_min(emb, 3)[0].tolist()
+    assert 4 in got and len({0, 1} & set(got)) == 1 and len({2, 3} & set(got)) == 1
+
+
+def test_dual_union_equal_sets_returns_that_set():
+    torch.manual_seed(0)
+    sem = torch.randn(2, 12)
+    emb = torch.randn(2, 12, 5)
+    got = dual_select(sem, sem.clone() * 3.0, emb, 4)
+    ref = torch.sort(torch.topk(sem, 4).indices, dim=1).values
+    assert torch.equal(got, ref)
+
+
+def test_dual_returns_exactly_k_from_the_union():
+    torch.manual_seed(1)
+    for _ in range(5):
+        sem, act, emb = torch.randn(3, 20), torch.randn(3, 20), torch.randn(3, 20, 6)
+        got = dual_select(sem, act, emb, 6)
+        assert got.shape == (3, 6)
+        for b in range(3):
+            union = set(torch.topk(sem[b], 6).indices.tolist()) | set(torch.topk(act[b], 6).indices.tolist())
+            assert set(got[b].tolist()) <= union and len(set(got[b].tolist())) == 6
+            assert got[b].tolist() == sorted(got[b].tolist())
+
+
+def test_fastv_is_topk_with_ties_to_lower_index():
+    scores = torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.9]])
+    assert select_tokens("fastv", 2, scores=scores).tolist() == [[1, 2]]
+
+
+def test_random_is_seeded_and_distinct():
+    a = select_tokens("random", 7, batch=2, n=30, seed=3)
+    b = select_tokens("random", 7, batch=2, n=30, seed=3)
+    c = select_tokens("random", 7, batch=2, n=30, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert all(len(set(r)) == 7 for r in a.tolist())
+
+
+def test_nan_scores_raise_clear_error():
+    s = torch.tensor([[0.1, float("nan"), 0.3], [0.1, 0.2, 0.3]])
+    with pytest.raises(ValueError, match=r"NaN \(batch rows \[0\]\)"):
+        check_scores(s)
+    with pytest.raises(ValueError, match="NaN"):
+        select_tokens("fastv", 1, scores=s)
+
+
+@pytest.mark.parametrize("strategy,kw,msg", [
+    ("fastv", {}, "needs attention scores"), ("divprune", {}, "needs visual embeddings"),
+    ("dual", {"scores": torch.zeros(1, 3)}, "needs semantic scores, action scores"),
+    ("bogus", {}, "unknown strategy"),
+])
+def test_missing_inputs_and_unknown_strategy(strategy, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        select_tokens(strategy, 1, **kw)
