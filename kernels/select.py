@@ -1,13 +1,28 @@
-"""Top-k selection: the plain-torch reference (the Triton kernel lives beside it).
+"""Top-k selection: the plain-torch reference and the Triton threshold-search kernel.
 
 Semantics every implementation must match exactly:
 - the k highest scores of each row; ties broken toward the lower index;
 - NaN ranks below every number (below -inf), NaNs among themselves by index;
+- -0.0 and +0.0 are equal (a tie, broken by index), as float comparison says;
 - output indices in ascending token order (so gathered tokens keep their original order).
+
+The Triton kernel (one program per row) never sorts:
+1. keys: the raw bits of each score become an int32 key whose signed order is the float order
+   (negative floats get their magnitude bits flipped, +-0 -> 0, NaN -> the smallest key);
+2. threshold: the k-th largest key T is built bit by bit, high to low: a candidate bit stays set
+   when at least k keys are >= the candidate (16 rounds for fp16/bf16, 32 for fp32);
+3. compaction: every key > T is kept, plus the first ``k - #(key > T)`` keys == T in index order;
+   each kept lane writes its own index at its exclusive prefix count, so the output is ascending.
+Rows up to ``MAX_REGISTER_BLOCK`` keys stay in registers for all rounds; longer rows are re-read tile
+by tile in each round (from L1/L2: a 16384-token fp32 row is 64 KB).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from ._triton import HAS_TRITON, next_pow2, tl, triton
 
 
 def check_select_args(scores: torch.Tensor, k: int) -> None:
@@ -21,14 +36,194 @@ def check_select_args(scores: torch.Tensor, k: int) -> None:
         raise ValueError(f"select_topk: k={k!r} is invalid: allowed an int in [1, N={n}]")
 
 
-def select_topk_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Plain-torch top-k with the semantics above: int64 [B, k], ascending indices."""
-    check_select_args(scores, k)
+def _rank_order(scores: torch.Tensor) -> torch.Tensor:
+    """int64 [B, N]: each row's indices in selection order (NaN last, score descending, index ascending)."""
     s = scores.float()
     nan = torch.isnan(s)
     s = torch.where(nan, torch.full_like(s, float("-inf")), s)
     # Two stable sorts compose into one order: NaN last, then score descending, then index ascending.
     order = torch.sort(s, dim=1, descending=True, stable=True).indices
     nan_in_order = torch.gather(nan, 1, order).to(torch.uint8)
-    order = torch.gather(order, 1, torch.sort(nan_in_order, dim=1, stable=True).indices)
-    return torch.sort(order[:, :k], dim=1).values
+    return torch.gather(order, 1, torch.sort(nan_in_order, dim=1, stable=True).indices)
+
+
+def select_topk_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Plain-torch top-k with the semantics above: int64 [B, k], ascending indices."""
+    check_select_args(scores, k)
+    return torch.sort(_rank_order(scores)[:, :k], dim=1).values
+
+
+def select_topk_per_row_reference(scores: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Per-row k: scores [B, N], k int [B] with 0 <= k[b] <= k_max -> int64 [B, k_max].
+
+    Row b holds its k[b] indices ascending, then -1 in the unused slots (``gather_rows`` on the
+    Triton path turns -1 into a zero row; the torch reference rejects it)."""
+    check_select_args(scores, k_max)
+    top = _rank_order(scores)[:, :k_max]
+    keep = torch.arange(k_max, device=scores.device).unsqueeze(0) < k.to(scores.device, torch.int64).unsqueeze(1)
+    big = torch.iinfo(torch.int64).max
+    out = torch.sort(torch.where(keep, top, torch.full_like(top, big)), dim=1).values
+    return torch.where(out == big, torch.full_like(out, -1), out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+# ---------------------------------------------------------------------------------------------
+
+# Rows up to this many keys are held in registers for all rounds (int32 keys: 8192 keys over
+# 16 warps = 16 registers a thread). Longer rows loop over tiles of TILE_BLOCK keys each round.
+MAX_REGISTER_BLOCK = 8192
+# Tile for long rows: 4096 int32 keys over 16 warps, re-read from L1/L2 once per round.
+TILE_BLOCK = 4096
+
+# (view dtype, key bits, magnitude mask, +inf bits) per score dtype. The kernel reads the raw bits
+# through an integer view, so no float arithmetic runs on bf16/fp16 in the kernel.
+_KEY_LAYOUT = {
+    torch.float32: (torch.int32, 32, 0x7FFFFFFF, 0x7F800000),
+    torch.float16: (torch.int16, 16, 0x7FFF, 0x7C00),
+    torch.bfloat16: (torch.int16, 16, 0x7FFF, 0x7F80),
+}
+
+
+def _num_warps(block: int) -> int:
+    """Warps per row program: about 16 keys a thread, at least 1 warp, at most 16."""
+    return max(1, min(16, block // 512))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _row_keys(base_ptr, offs, n, ABS_MASK: tl.constexpr, INF_BITS: tl.constexpr, KEY_MIN: tl.constexpr):
+        """int32 order-preserving keys of the lanes ``offs`` of one row; lanes >= n get KEY_MIN."""
+        # other=ABS_MASK is a NaN bit pattern, so padding lanes fall into the NaN branch below.
+        bits = tl.load(base_ptr + offs, mask=offs < n, other=ABS_MASK).to(tl.int32)  # sign-extends int16
+        mag = bits & ABS_MASK
+        key = tl.where(bits < 0, bits ^ ABS_MASK, bits)  # negative floats: larger magnitude -> smaller key
+        key = tl.where(mag == 0, 0, key)  # -0.0 ties with +0.0
+        key = tl.where(mag > INF_BITS, KEY_MIN, key)  # NaN (and padding) below -inf
+        return key
+
+    @triton.jit
+    def _select_topk_kernel(
+        bits_ptr, out_ptr, k_ptr, n, k, stride_row, stride_out,
+        KEY_BITS: tl.constexpr, ABS_MASK: tl.constexpr, INF_BITS: tl.constexpr, KEY_MIN: tl.constexpr,
+        BLOCK: tl.constexpr, NUM_TILES: tl.constexpr, PER_ROW_K: tl.constexpr,
+    ):
+        """One program per row: keys -> k-th largest key by bisection -> in-order compaction."""
+        row = tl.program_id(0).to(tl.int64)
+        base = bits_ptr + row * stride_row
+        out_row = out_ptr + row * stride_out
+        if PER_ROW_K:
+            k_row = tl.load(k_ptr + row).to(tl.int32)
+        else:
+            k_row = k
+        offs = tl.arange(0, BLOCK)
+        if NUM_TILES == 1:
+            keys = _row_keys(base, offs, n, ABS_MASK, INF_BITS, KEY_MIN)
+
+        # Threshold: largest T with #(key >= T) >= k. Built from KEY_MIN upward one bit at a time;
+        # int64 scalars because KEY_MIN + 2**31 overflows int32 before the candidate is final.
+        lo = tl.full([], KEY_MIN, tl.int64)
+        for i in tl.static_range(KEY_BITS):
+            cand = lo + (1 << (KEY_BITS - 1 - i))
+            c32 = cand.to(tl.int32)
+            if NUM_TILES == 1:
+                cnt = tl.sum((keys >= c32).to(tl.int32), axis=0)
+            else:
+                cnt = tl.full([], 0, tl.int32)
+                for t in range(NUM_TILES):
+                    kt = _row_keys(base, t * BLOCK + offs, n, ABS_MASK, INF_BITS, KEY_MIN)
+                    cnt += tl.sum((kt >= c32).to(tl.int32), axis=0)
+            lo = tl.where(cnt >= k_row, cand, lo)
+        thr = lo.to(tl.int32)
+
+        # Compaction. One scan serves both counts: gt in the low 16 bits, eq in the high 16
+        # (a tile has at most 8192 lanes, so neither half overflows).
+        if NUM_TILES == 1:
+            gt = (keys > thr).to(tl.int32)
+            eq = (keys == thr).to(tl.int32)
+            packed = gt + (eq << 16)
+            incl = tl.cumsum(packed, axis=0)
+            n_gt = tl.sum(gt, axis=0)
+            need = k_row - n_gt  # how many ties at the threshold are kept: the first ones
+            gt_before = (incl & 0xFFFF) - gt
+            eq_before = (incl >> 16) - eq
+            sel = (gt > 0) | ((eq > 0) & (eq_before < need))
+            pos = gt_before + tl.minimum(eq_before, need)
+            tl.store(out_row + pos, offs.to(tl.int64), mask=sel)
+        else:
+            n_gt = tl.full([], 0, tl.int32)
+            for t in range(NUM_TILES):
+                kt = _row_keys(base, t * BLOCK + offs, n, ABS_MASK, INF_BITS, KEY_MIN)
+                n_gt += tl.sum((kt > thr).to(tl.int32), axis=0)
+            need = k_row - n_gt
+            gt_seen = tl.full([], 0, tl.int32)
+            eq_seen = tl.full([], 0, tl.int32)
+            for t in range(NUM_TILES):
+                idx = t * BLOCK + offs
+                kt = _row_keys(base, idx, n, ABS_MASK, INF_BITS, KEY_MIN)
+                gt = (kt > thr).to(tl.int32)
+                eq = (kt == thr).to(tl.int32)
+                incl = tl.cumsum(gt + (eq << 16), axis=0)
+                gt_before = gt_seen + (incl & 0xFFFF) - gt
+                eq_before = eq_seen + (incl >> 16) - eq
+                sel = (gt > 0) | ((eq > 0) & (eq_before < need))
+                pos = gt_before + tl.minimum(eq_before, need)
+                tl.store(out_row + pos, idx.to(tl.int64), mask=sel)
+                gt_seen += tl.sum(gt, axis=0)
+                eq_seen += tl.sum(eq, axis=0)
+
+
+def _launch_select(scores: torch.Tensor, out: torch.Tensor, k: int, k_per_row: Optional[torch.Tensor]) -> None:
+    view_dtype, key_bits, abs_mask, inf_bits = _KEY_LAYOUT[scores.dtype]
+    b, n = scores.shape
+    if b == 0:
+        return
+    if scores.stride(1) != 1:
+        scores = scores.contiguous()
+    bits = scores.view(view_dtype)
+    block = next_pow2(n)
+    num_tiles = 1
+    if block > MAX_REGISTER_BLOCK:
+        block = TILE_BLOCK
+        num_tiles = triton.cdiv(n, block)
+    _select_topk_kernel[(b,)](
+        bits, out, k_per_row if k_per_row is not None else out, n, k, bits.stride(0), out.stride(0),
+        KEY_BITS=key_bits, ABS_MASK=abs_mask, INF_BITS=inf_bits, KEY_MIN=-(1 << (key_bits - 1)),
+        BLOCK=block, NUM_TILES=num_tiles, PER_ROW_K=k_per_row is not None,
+        num_warps=_num_warps(block),
+    )
+
+
+def select_topk_triton(scores: torch.Tensor, k: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton top-k: scores [B, N] fp32/fp16/bf16 -> int64 [B, k], same result as the reference.
+
+    ``out`` (int64 [B, k], row stride free, last stride 1) may be passed to reuse a buffer; every
+    element is written. No host synchronisation: safe inside CUDA-graph capture."""
+    if not HAS_TRITON:
+        raise RuntimeError("select_topk_triton: triton is not importable")
+    check_select_args(scores, k)
+    if out is None:
+        out = torch.empty((scores.shape[0], k), dtype=torch.int64, device=scores.device)
+    elif out.shape != (scores.shape[0], k) or out.dtype != torch.int64 or out.stride(1) != 1:
+        raise ValueError(f"select_topk_triton: out must be int64 [{scores.shape[0]}, {k}] with last stride 1")
+    _launch_select(scores, out, k, None)
+    return out
+
+
+def select_topk_per_row_triton(scores: torch.Tensor, k: torch.Tensor, k_max: int,
+                               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-row k on the Triton path: scores [B, N], k int [B] (each in [0, k_max]) -> int64 [B, k_max],
+    row b's k[b] indices ascending then -1. k is read on the device: no host sync."""
+    if not HAS_TRITON:
+        raise RuntimeError("select_topk_per_row_triton: triton is not importable")
+    check_select_args(scores, k_max)
+    if k.shape != (scores.shape[0],) or k.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"select_topk_per_row: k must be an int32/int64 tensor [{scores.shape[0]}], got "
+                         f"{k.dtype} {tuple(k.shape)}")
+    if out is None:
+        out = torch.full((scores.shape[0], k_max), -1, dtype=torch.int64, device=scores.device)
+    else:
+        out.fill_(-1)
+    _launch_select(scores, out, k_max, k.to(device=scores.device).contiguous())
+    return out
