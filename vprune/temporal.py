@@ -1,0 +1,143 @@
+"""Action-attention history across control steps (VLA-Pruner's temporal smoothing), per batch element.
+
+A robot policy is called once per control step. At each step the attention that the decoded action
+tokens paid to the visual tokens (at a middle decoder layer) is recorded as one score vector per
+batch element, ``S(t) [B, N]``, with 0 for tokens that were pruned at that step. The action score
+used to choose tokens at step ``t`` is the smoothed history of the previous ``w`` steps::
+
+    S_hat(t) = sum_{i=1..w} gamma^(i-1) * S(t-i)            (newest step weighted 1)
+
+(VLA-Pruner's reference code weighted the *oldest* step highest: a confirmed bug, not followed here.)
+Steps not recorded yet (at the start of an episode) contribute nothing.
+
+The first ``warmup`` control steps of each episode run unpruned; their action scores are still
+recorded, so that pruning starts with a full history. Everything is per batch element (row ``b`` of
+every call is the same environment), and ``reset(rows)`` clears some or all rows: a new episode.
+
+Pure tensor logic; no knowledge of any host model.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Sequence, Union
+
+import torch
+
+
+def temporal_weights(window: int, decay: float, device: Optional[torch.device] = None) -> torch.Tensor:
+    """[window] fp32 weights, newest first: ``decay ** i`` for i = 0..window-1 (the newest weighted 1)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} is invalid: allowed an int >= 1")
+    if not (isinstance(decay, (int, float)) and 0.0 < float(decay) <= 1.0):
+        raise ValueError(f"decay={decay!r} is invalid: allowed a number in (0, 1]")
+    return float(decay) ** torch.arange(window, dtype=torch.float32, device=device)
+
+
+class ActionHistory:
+    """Per-batch-element history of action scores over the last ``window`` control steps.
+
+    window: w, the number of past control steps kept. decay: gamma. warmup: unpruned steps at the
+    start of each episode (counted per row).
+
+    Storage (allocated on the first ``record``): ``scores [B, w, N]`` fp32, newest step at index 0;
+    ``filled [B]`` how many of the w slots hold a recorded step; ``steps`` (Python ints, one per row)
+    control steps started since the row's last reset (drives the warm-up without device syncs).
+
+    The batch size and the token count are fixed within an episode: a call with another shape raises
+    ``ValueError`` saying to call ``vprune.reset(model)`` (a new episode) first.
+    """
+
+    def __init__(self, window: int = 3, decay: float = 0.8, warmup: int = 3) -> None:
+        self.weights = temporal_weights(window, decay)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup={warmup!r} is invalid: allowed an int >= 0")
+        self.window = window
+        self.decay = float(decay)
+        self.warmup = warmup
+        self.scores: Optional[torch.Tensor] = None  # [B, w, N] fp32, newest first
+        self.filled: Optional[torch.Tensor] = None  # [B] int64
+        self.steps: List[int] = []                  # per row: control steps started since reset
+
+    # ----------------------------------------------------------------------------------- shape
+    @property
+    def batch(self) -> Optional[int]:
+        return None if self.scores is None else self.scores.shape[0]
+
+    @property
+    def n_tokens(self) -> Optional[int]:
+        return None if self.scores is None else self.scores.shape[2]
+
+    def _ensure(self, batch: int, n: int, device: torch.device) -> None:
+        if self.scores is None:
+            self.scores = torch.zeros(batch, self.window, n, dtype=torch.float32, device=device)
+            self.filled = torch.zeros(batch, dtype=torch.int64, device=device)
+            if len(self.steps) != batch:
+                self.steps = [0] * batch
+            return
+        if self.scores.shape[0] != batch or self.scores.shape[2] != n:
+            raise ValueError(
+                f"action history holds batch={self.scores.shape[0]} x {self.scores.shape[2]} visual tokens, "
+                f"but this control step has batch={batch} x {n}: the batch size and the image layout "
+                f"must stay fixed within an episode; call vprune.reset(model) at a new episode")
+        if self.scores.device != device:
+            self.scores = self.scores.to(device)
+            self.filled = self.filled.to(device)
+
+    # ----------------------------------------------------------------------------- per step
+    def begin_step(self, batch: int) -> List[bool]:
+        """Start a control step for ``batch`` rows; returns, per row, whether it is a warm-up step
+        (the first ``warmup`` steps since the row's reset). Python bools: no device sync."""
+        if self.scores is not None and self.scores.shape[0] != batch:
+            self._ensure(batch, self.scores.shape[2], self.scores.device)  # raises with the message
+        if len(self.steps) != batch:
+            if any(self.steps):
+                raise ValueError(
+                    f"action history has {len(self.steps)} rows but this control step has batch={batch}: "
+                    f"call vprune.reset(model) at a new episode")
+            self.steps = [0] * batch
+        warm = [s < self.warmup for s in self.steps]
+        self.steps = [s + 1 for s in self.steps]
+        return warm
+
+    def record(self, scores: torch.Tensor) -> None:
+        """Append one control step's action scores ``[B, N]`` (0 for pruned tokens) as the newest."""
+        if scores.dim() != 2:
+            raise ValueError(f"action scores must be [B, N], got shape {tuple(scores.shape)}")
+        b, n = scores.shape
+        self._ensure(b, n, scores.device)
+        new = scores.detach().float().unsqueeze(1)
+        self.scores = torch.cat([new, self.scores[:, : self.window - 1]], dim=1)
+        self.filled = (self.filled + 1).clamp_max(self.window)
+
+    def smoothed(self) -> Optional[torch.Tensor]:
+        """``S_hat [B, N]`` fp32: the decay-weighted sum of the recorded steps (newest weighted 1);
+        None before anything was recorded. Rows with nothing recorded are all zero (see ``has_history``)."""
+        if self.scores is None:
+            return None
+        w = self.weights.to(self.scores.device)
+        return torch.einsum("bwn,w->bn", self.scores, w)
+
+    def has_history(self) -> Optional[torch.Tensor]:
+        """bool [B]: rows with at least one recorded step (None before anything was recorded)."""
+        return None if self.filled is None else self.filled > 0
+
+    # -------------------------------------------------------------------------------- reset
+    def reset(self, rows: Optional[Union[int, Sequence[int], Iterable[int]]] = None) -> None:
+        """Clear the history and the warm-up counter of ``rows`` (default: every row, and forget the
+        batch size and token count so the next episode may use other shapes)."""
+        if rows is None:
+            self.scores = None
+            self.filled = None
+            self.steps = []
+            return
+        idx = [rows] if isinstance(rows, int) else list(rows)
+        batch = len(self.steps) if self.scores is None else self.scores.shape[0]
+        for r in idx:
+            if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < max(batch, 1):
+                raise ValueError(f"reset row {r!r} is invalid: allowed ints in [0, {batch})")
+        if self.scores is not None:
+            sel = torch.tensor(idx, dtype=torch.long, device=self.scores.device)
+            self.scores[sel] = 0.0
+            self.filled[sel] = 0
+        for r in idx:
+            if r < len(self.steps):
+                self.steps[r] = 0
