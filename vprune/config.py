@@ -191,15 +191,23 @@ class NATCache(TechniqueConfig):
     """Visible/mask disentangling for masked image generators (see ``vprune.nat``).
 
     mode: "cache" (A), "disentangle" (C) or "reuse" (B).
-    refresh: a full forward every ``refresh`` sampling steps.
+    refresh: a full forward every ``refresh`` sampling steps (1: every step is full, i.e. no cache;
+        for "cache" that is bit-identical to the unpatched model, for "disentangle" it is the
+        uncached reference of the same attention pattern).
+    cuda_graphs: on CUDA (and without autograd), run each step as a captured CUDA graph, one per
+        (stream, step kind, computed-token count); the first generation captures, later ones replay.
+        Eager steps are launch-bound, so fewer tokens only pay off inside graphs.
     """
 
     technique: ClassVar[str] = "nat_cache"
 
     mode: str = "cache"
     refresh: int = 4
+    cuda_graphs: bool = False
 
     def validate(self) -> None:
         name = type(self).__name__
         _check_choice(name, "mode", self.mode, NAT_MODES)
         _check_int(name, "refresh", self.refresh, 1)
+        if not isinstance(self.cuda_graphs, bool):
+            _fail(name, "cuda_graphs", self.cuda_graphs, "True or False")

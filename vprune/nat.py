@@ -1,0 +1,508 @@
+"""Visible / mask disentangling for masked (non-autoregressive) image generators.
+
+MaskGIT-style samplers (MaskGIT, MUSE, aMUSEd) call the same transformer once per sampling step on a
+token grid in which some tokens are still the mask token and the rest are *visible*; a visible token
+never becomes masked again within one generation. Between two steps the tokens therefore fall into
+three groups (all per batch row, shapes ``[B, N]``):
+
+* *settled* visible tokens: visible in this step's input and in the previous one;
+* *newly revealed* tokens: masked in the previous input, visible now;
+* *mask* tokens: still masked.
+
+This module holds the host-independent machinery (pure tensor logic plus per-stream bookkeeping);
+an integration only tells it where the hooked blocks are, how to read the mask from the forward's
+inputs, and routes each block's self-attention through :meth:`NATRuntime.attend`.
+
+Modes (``NATCache.mode``):
+
+``cache`` (A)
+    Settled visible tokens are not recomputed: mask and newly revealed tokens run all hooked blocks
+    as queries against a per-layer K/V cache that holds the settled tokens' keys/values from the
+    step that last computed them. Every ``refresh`` steps a full step recomputes everything. With
+    ``refresh=1`` every step is a full step and the output is bit-identical to the unpatched model.
+``disentangle`` (C)
+    ENAT's attention pattern: a visible token attends only to visible tokens revealed no later than
+    itself (a token is encoded once, against the context that existed when it was revealed); mask
+    tokens attend to everything. Under this pattern a settled token's keys/values never change, so
+    the cache is exact: ``refresh=R`` gives the same result as ``refresh=1`` (the uncached
+    reference, which recomputes every token under the same pattern), provided the hooked blocks'
+    inputs are per-token functions of the token ids (true for the testbed MaskGIT; in aMUSEd the
+    convolutional down-block mixes neighbours, so there the cache is exact only for
+    ``num_res_blocks=0``). Changes outputs relative to the unpatched model: it is a different
+    attention pattern, meant for models trained with it or tolerant of it.
+``reuse`` (B)
+    Full steps every ``refresh`` steps; in between, cheap steps compute only the newly revealed
+    tokens plus as many mask tokens as were just revealed, chosen by the confidence of the last
+    output (the tokens most likely to be revealed next); every other token's keys/values and block
+    output come from the cache.
+
+Static shapes: the number of computed tokens ``k`` of a step is decided on the host from the mask
+counts (one small device->host copy per step, of the per-row mask counts and a conditioning
+fingerprint) and the selected indices are padded to ``k`` per row, so every step of a given ``k``
+has the same shapes and can be replayed from a captured CUDA graph (``NATCache(cuda_graphs=True)``).
+
+Streams: the state of one generation (previous mask, reveal order, caches) is a *stream*. A call is
+matched to a stream by batch shape and a fingerprint of its conditioning inputs (class labels,
+text embeddings), so classifier-free guidance run as two separate passes per step keeps separate
+conditional and unconditional caches; CFG run as one concatenated batch is per-row state of one
+stream. A stream restarts (full step, caches overwritten) when every token is masked, when a row
+has more masks than in its previous call, or on ``vprune.reset(model)``.
+
+Limitations: inference only (caches are written in place and detached); a generation that restarts
+from a partially masked grid with fewer masks than the previous call of the same conditioning (e.g.
+inpainting twice with one prompt) needs ``vprune.reset(model)`` in between.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+KIND_RESTART = "restart"
+KIND_FULL = "full"
+KIND_SUBSET = "subset"
+
+#: Streams kept per runtime (least recently used one is restarted beyond this). Two cover CFG run
+#: as two passes; a few more cover interleaved generations.
+MAX_STREAMS = 4
+
+
+# ----------------------------------------------------------------------------- pure tensor logic
+
+def partition(is_mask: torch.Tensor, prev_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(settled, new, mask) boolean ``[B, N]`` tensors from this step's and the previous mask."""
+    visible = ~is_mask
+    return visible & ~prev_mask, visible & prev_mask, is_mask
+
+
+def select_tokens(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[B, k]`` (ascending) of the ``k`` highest scores per row, ties to the lower index.
+
+    score: ``[B, N]`` float, larger first. Static ``k`` so the result has a fixed shape.
+    """
+    n = score.shape[1]
+    if k >= n:
+        return torch.arange(n, device=score.device).expand(score.shape[0], n)
+    # a strictly decreasing index tie-break (below float32 resolution of any score in [0, 8])
+    # keeps the choice deterministic: topk itself does not order ties
+    tie = torch.arange(n, device=score.device, dtype=torch.float64) * (1e-9 / n)
+    key = score.double() - tie
+    idx = key.topk(k, dim=1, sorted=False).indices
+    return idx.sort(dim=1).values
+
+
+def disentangled_mask(q_idx: Optional[torch.Tensor], is_mask: torch.Tensor,
+                      revkey: torch.Tensor) -> torch.Tensor:
+    """ENAT pattern as a boolean SDPA mask ``[B, 1, q, N]`` (True = may attend).
+
+    A visible query attends only to visible keys revealed no later than itself (``revkey`` is the
+    number of tokens that were still masked when the token was revealed: larger = earlier); a mask
+    query attends to every key. q_idx: ``[B, q]`` query positions, or None for all ``N``.
+    """
+    visible = ~is_mask
+    if q_idx is None:
+        q_vis, q_rev = visible, revkey
+    else:
+        q_vis, q_rev = visible.gather(1, q_idx), revkey.gather(1, q_idx)
+    allowed = visible[:, None, :] & (revkey[:, None, :] >= q_rev[:, :, None])
+    allowed = allowed | ~q_vis[:, :, None]
+    return allowed[:, None]
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, idx[b, j]]`` for ``x`` ``[B, N, C]`` and ``idx`` ``[B, k]`` -> ``[B, k, C]``."""
+    return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def _fingerprint(tensors: Sequence[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+    """One float64 number per row and conditioning tensor: a fixed pseudo-random projection."""
+    parts = []
+    for t in tensors:
+        if t is None:
+            continue
+        flat = t.detach().reshape(t.shape[0], -1) if t.dim() > 0 else t.detach().reshape(1, 1)
+        if flat.shape[0] != batch:
+            flat = flat.reshape(1, -1).expand(batch, -1)
+        m = flat.shape[1]
+        w = torch.sin(torch.arange(1, m + 1, device=t.device, dtype=torch.float64) * 12.9898) + 1.5
+        parts.append((flat.double() * w).sum(1))
+    if not parts:
+        return None
+    return torch.stack(parts, 1)
+
+
+# ----------------------------------------------------------------------------- per-stream state
+
+@dataclass
+class NATStream:
+    """The state of one generation: device buffers (updated in place) and host counters."""
+
+    sid: int
+    sig: Tuple
+    prev_mask: torch.Tensor                 # [B, N] bool, the previous call's mask
+    revkey: torch.Tensor                    # [B, N] int64, masked count when revealed (-1: masked)
+    conf: torch.Tensor                      # [B, N] float32, confidence of the last output (reuse)
+    kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    extra: Dict[Any, Any] = field(default_factory=dict)   # integration caches (e.g. text K/V)
+    out: Optional[torch.Tensor] = None      # [B, N, C] output of the last hooked block
+    fingerprint: Optional[tuple] = None
+    prev_counts: Optional[List[int]] = None
+    step: int = 0
+    last_used: int = 0
+    graphs: Dict[Any, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HostPlan:
+    """What the host decided for one call (no device values)."""
+
+    stream: NATStream
+    kind: str
+    k: int
+    n: int
+    step: int
+
+
+@dataclass
+class DevicePlan:
+    """Device tensors of the current call: query positions and the attention mask."""
+
+    idx: Optional[torch.Tensor]             # [B, k] positions computed, None = all
+    attn_mask: Optional[torch.Tensor]       # [B, 1, q, N] bool or None
+    is_mask: torch.Tensor
+
+
+class NATRuntime:
+    """Per-model NAT state: streams, the current call's plan, counters for ``vprune.stats``."""
+
+    def __init__(self, mode: str, refresh: int, n_layers: int, cuda_graphs: bool = False) -> None:
+        self.mode = mode
+        self.refresh = refresh
+        self.n_layers = n_layers
+        self.cuda_graphs = cuda_graphs
+        self.streams: List[NATStream] = []
+        self.host: Optional[HostPlan] = None
+        self.dev: Optional[DevicePlan] = None
+        self._tick = 0
+        self._prepared = False
+        self.graph_pool = None
+        self.history: List[Dict[str, Any]] = []   # host-side: kind/k/n per call (bounded)
+        self.tokens_computed = 0
+        self.tokens_total = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every stream (and its caches and CUDA graphs)."""
+        self.streams.clear()
+        self.host = None
+        self.dev = None
+        self._prepared = False
+        self.history.clear()
+        self.tokens_computed = 0
+        self.tokens_total = 0
+
+    def begin(self, is_mask: torch.Tensor, cond: Sequence[torch.Tensor]) -> HostPlan:
+        """Host decisions for one call: which stream, full or subset, how many tokens (one sync)."""
+        if is_mask.dim() != 2:
+            raise ValueError(f"is_mask must be [B, N], got shape {tuple(is_mask.shape)}")
+        b, n = is_mask.shape
+        counts = is_mask.sum(1).double()
+        fp = _fingerprint(cond, b)
+        payload = counts if fp is None else torch.cat([counts, fp.reshape(-1)])
+        vals = payload.tolist()      # the one device->host copy of the step
+        now = [int(v) for v in vals[:b]]
+        fingerprint = tuple(vals[b:])
+        sig = (b, n, str(is_mask.device))
+
+        stream = next((s for s in self.streams if s.sig == sig and s.fingerprint == fingerprint), None)
+        restart = stream is None or all(c == n for c in now) or (
+            stream.prev_counts is not None and any(c > p for c, p in zip(now, stream.prev_counts)))
+        if stream is None:
+            same = [s for s in self.streams if s.sig == sig]
+            if len(self.streams) < MAX_STREAMS:
+                stream = self._new_stream(sig, is_mask.device)
+            else:
+                pool = same or self.streams
+                stream = min(pool, key=lambda s: s.last_used)
+                if stream.sig != sig:
+                    self.streams.remove(stream)
+                    stream = self._new_stream(sig, is_mask.device)
+        if restart:
+            stream.step = 0
+            stream.prev_counts = None
+        self._tick += 1
+        stream.last_used = self._tick
+        stream.fingerprint = fingerprint
+
+        if restart:
+            kind, k = KIND_RESTART, n
+        elif stream.step % self.refresh == 0:
+            kind, k = KIND_FULL, n
+        else:
+            prev = stream.prev_counts
+            if self.mode == "reuse":
+                new = [max(0, p - c) for p, c in zip(prev, now)]
+                k = max(max(nw + max(1, min(c, max(1, nw))) for nw, c in zip(new, now)), 1)
+                k = min(k, max(max(prev), 1))
+            else:
+                k = max(max(prev), 1)
+            kind = KIND_SUBSET if k < n else KIND_FULL
+            if kind == KIND_FULL:
+                k = n
+        plan = HostPlan(stream=stream, kind=kind, k=k, n=n, step=stream.step)
+        stream.prev_counts = now
+        stream.step += 1
+        self.host = plan
+        self.tokens_computed += k * b
+        self.tokens_total += n * b
+        self.history.append({"stream": stream.sid, "step": plan.step, "kind": kind, "k": k, "n": n})
+        if len(self.history) > 1024:
+            del self.history[:512]
+        return plan
+
+    def _new_stream(self, sig: Tuple, device: torch.device) -> NATStream:
+        b, n = sig[0], sig[1]
+        s = NATStream(
+            sid=self._next_sid(), sig=sig,
+            prev_mask=torch.ones(b, n, dtype=torch.bool, device=device),
+            revkey=torch.full((b, n), -1, dtype=torch.long, device=device),
+            conf=torch.zeros(b, n, dtype=torch.float32, device=device))
+        self.streams.append(s)
+        return s
+
+    def _next_sid(self) -> int:
+        return max((s.sid for s in self.streams), default=-1) + 1
+
+    def build(self, is_mask: torch.Tensor) -> DevicePlan:
+        """Device part of the step (no host syncs, static shapes): indices, mask, state update."""
+        hp = self.host
+        if hp is None:
+            raise RuntimeError("NATRuntime.build called before begin")
+        s = hp.stream
+        if hp.kind == KIND_RESTART:
+            s.prev_mask.fill_(True)
+            s.revkey.fill_(-1)
+            s.conf.zero_()
+        settled, new, mask = partition(is_mask, s.prev_mask)
+        n_prev = s.prev_mask.sum(1, keepdim=True)
+        s.revkey.copy_(torch.where(new, n_prev, s.revkey))
+        if hp.kind == KIND_SUBSET:
+            if self.mode == "reuse":
+                score = new.float() * 4.0 + mask.float() * (1.0 + s.conf.clamp(0, 1))
+            else:
+                score = (new | mask).float()
+            idx = select_tokens(score, hp.k)
+        else:
+            idx = None
+        attn_mask = disentangled_mask(idx, is_mask, s.revkey) if self.mode == "disentangle" else None
+        s.prev_mask.copy_(is_mask)
+        self.dev = DevicePlan(idx=idx, attn_mask=attn_mask, is_mask=is_mask)
+        return self.dev
+
+    # -- hooks' work -------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.host is not None and self.dev is not None
+
+    def gather_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Stack input ``[B, N, C]`` -> the rows computed this step ``[B, k, C]``."""
+        if not self.active or self.dev.idx is None:
+            return x
+        return gather_rows(x, self.dev.idx)
+
+    def scatter_output(self, y: torch.Tensor) -> torch.Tensor:
+        """Stack output rows ``[B, k, C]`` -> ``[B, N, C]``, the rest from the output cache."""
+        if not self.active:
+            return y
+        s = self.host.stream
+        if self.dev.idx is None:
+            if s.out is None or s.out.shape != y.shape or s.out.dtype != y.dtype:
+                s.out = y.detach().clone()
+            else:
+                s.out.copy_(y.detach())
+            return y
+        if s.out is None:
+            raise RuntimeError("vprune NAT: a subset step ran before any full step filled the cache")
+        s.out.scatter_(1, self.dev.idx[:, :, None].expand(-1, -1, y.shape[-1]), y.detach())
+        return s.out.clone()
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+        """Self-attention of the computed rows against all ``N`` positions, via the K/V cache.
+
+        q, k, v: ``[B, H, q, D]`` for the rows computed this step (``q = N`` on full steps).
+        Writes k/v into the layer's cache ``[B, H, N, D]`` and returns ``[B, H, q, D]``. On full steps
+        of modes cache/reuse it calls SDPA exactly as the unpatched block does (bit-identical).
+        """
+        kw = {} if scale is None else {"scale": scale}
+        if not self.active:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **kw)
+        s = self.host.stream
+        idx = self.dev.idx
+        mask = self.dev.attn_mask
+        if idx is None:
+            cache = s.kv.get(layer)
+            if cache is None or cache[0].shape != k.shape or cache[0].dtype != k.dtype:
+                s.kv[layer] = (k.detach().clone(), v.detach().clone())
+            else:
+                cache[0].copy_(k.detach())
+                cache[1].copy_(v.detach())
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **kw)
+        cache = s.kv.get(layer)
+        if cache is None:
+            raise RuntimeError(f"vprune NAT: no K/V cache for layer {layer} (no full step ran first)")
+        kc, vc = cache
+        ix = idx[:, None, :, None].expand(-1, kc.shape[1], -1, kc.shape[-1])
+        kc.scatter_(2, ix, k.detach())
+        vc.scatter_(2, ix, v.detach())
+        return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, dropout_p=dropout_p, **kw)
+
+    def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """A per-stream value that is constant within a generation (e.g. text-conditioning K/V).
+
+        Computed on the stream's full/restart steps (written in place when already allocated, so
+        captured CUDA graphs keep valid addresses) and read back on subset steps.
+        """
+        if not self.active:
+            return compute()
+        s = self.host.stream
+        if self.dev.idx is None or key not in s.extra:
+            value = compute()
+            old = s.extra.get(key)
+            if old is not None and _same_layout(old, value):
+                _copy_into(old, value)
+                return old
+            s.extra[key] = _detach(value)
+            return value
+        return s.extra[key]
+
+    def set_confidence(self, conf: torch.Tensor) -> None:
+        """Record the last output's per-token confidence ``[B, N]`` (used by mode reuse)."""
+        if self.active and self.mode == "reuse":
+            self.host.stream.conf.copy_(conf.detach().float())
+
+    def end(self) -> None:
+        self.dev = None
+        self._prepared = False
+
+    # -- the call wrapper (eager or CUDA graph) ----------------------------------------------
+    def call(self, forward: Callable[..., Any], args: tuple, kwargs: dict,
+             mask_fn: Callable[[tuple, dict], torch.Tensor],
+             cond_fn: Callable[[tuple, dict], Sequence[torch.Tensor]]) -> Any:
+        """Run one patched forward: host plan, then eager or a captured CUDA graph per (kind, k)."""
+        use_graph = (self.cuda_graphs and torch.cuda.is_available() and not torch.is_grad_enabled()
+                     and mask_fn(args, kwargs).is_cuda and not torch.cuda.is_current_stream_capturing())
+        if not use_graph:
+            return forward(*args, **kwargs)
+        plan = self.begin(mask_fn(args, kwargs), cond_fn(args, kwargs))
+        self._prepared = True
+        key = (plan.kind, plan.k, _signature(args, kwargs))
+        entry = plan.stream.graphs.get(key)
+        if entry is None:
+            out = forward(*args, **kwargs)        # the real step, eagerly (also warms up kernels)
+            self._capture(plan, key, forward, args, kwargs)
+            return out
+        graph, static_args, static_kwargs, static_out = entry
+        _copy_into(static_args, args)
+        _copy_into(static_kwargs, kwargs)
+        graph.replay()
+        self.host = None
+        return _clone(static_out)
+
+    def _capture(self, plan: HostPlan, key: Any, forward: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        static_args = _clone(args)
+        static_kwargs = _clone(kwargs)
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        self.host = plan
+        self._prepared = True
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            static_out = forward(*static_args, **static_kwargs)
+        self.host = None
+        self._prepared = False
+        plan.stream.graphs[key] = (graph, static_args, static_kwargs, static_out)
+
+    def prepare_in_forward(self, is_mask: torch.Tensor, cond: Sequence[torch.Tensor]) -> DevicePlan:
+        """Called by the integration's model pre-hook: plan (unless the graph wrapper did), then build."""
+        if not self._prepared:
+            self.begin(is_mask, cond)
+        return self.build(is_mask)
+
+    # -- reporting ---------------------------------------------------------------------------
+    def summary(self) -> Dict[str, Any]:
+        last = self.history[-1] if self.history else None
+        return {
+            "mode": self.mode, "refresh": self.refresh, "cuda_graphs": self.cuda_graphs,
+            "streams": len(self.streams),
+            "last_step": dict(last) if last else None,
+            "tokens_computed_fraction": (self.tokens_computed / self.tokens_total) if self.tokens_total else None,
+            "graphs_captured": sum(len(s.graphs) for s in self.streams),
+        }
+
+
+# ----------------------------------------------------------------------------- nested helpers
+
+def _map(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _clone(obj: Any) -> Any:
+    return _map(obj, lambda t: t.detach().clone())
+
+
+def _detach(obj: Any) -> Any:
+    return _map(obj, lambda t: t.detach())
+
+
+def _copy_into(dst: Any, src: Any) -> None:
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, (tuple, list)):
+        for d, s in zip(dst, src):
+            _copy_into(d, s)
+    elif isinstance(dst, dict):
+        for k in dst:
+            _copy_into(dst[k], src[k])
+
+
+def _same_layout(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_same_layout(x, y) for x, y in zip(a, b))
+    return False
+
+
+def _signature(args: tuple, kwargs: dict) -> Any:
+    def sig(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            return ("T", tuple(o.shape), str(o.dtype), str(o.device))
+        if isinstance(o, (tuple, list)):
+            return tuple(sig(x) for x in o)
+        if isinstance(o, dict):
+            return tuple(sorted((k, sig(v)) for k, v in o.items()))
+        return repr(o)
+    return sig(args), sig(kwargs)
+
+
+def cosine_mask_counts(n_tokens: int, steps: int) -> List[int]:
+    """Masked tokens in the input of each step under MaskGIT's cosine schedule (aMUSEd's rule:
+    ``floor(N * cos(pi/2 * (s+1)/steps))``, at least one revealed and one kept masked per step)."""
+    counts = [n_tokens]
+    for s in range(steps - 1):
+        target = math.floor(n_tokens * math.cos(math.pi / 2 * (s + 1) / steps))
+        counts.append(max(1, min(counts[-1] - 1, target)))
+    return counts
