@@ -166,6 +166,10 @@ class WindowDiffusion(TechniqueConfig):
     active: still-masked positions computed each step (the leftmost ones).
     window: masked positions attended to (active + frozen buffer); far-field masks beyond it are skipped.
     refresh: steps per phase; each phase starts with a full forward that refreshes every cached K/V.
+    threshold: confidence-threshold parallel decoding (Fast-dLLM): each step unmasks every candidate
+        above it (at least one); None: the fixed ``steps`` schedule (one token per step when
+        ``steps == gen_length``).
+    cuda_graph: run the cheap steps as CUDA graphs (static window shapes; CUDA models only).
     """
 
     technique: ClassVar[str] = "window_diffusion"
@@ -173,6 +177,8 @@ class WindowDiffusion(TechniqueConfig):
     active: int = 16
     window: int = 64
     refresh: int = 32
+    threshold: Optional[float] = None
+    cuda_graph: bool = False
 
     def validate(self) -> None:
         name = type(self).__name__
@@ -181,6 +187,10 @@ class WindowDiffusion(TechniqueConfig):
         _check_int(name, "refresh", self.refresh, 1)
         if self.active > self.window:
             _fail(name, "active", self.active, f"at most window={self.window}")
+        if self.threshold is not None:
+            _check_float(name, "threshold", self.threshold, 0.0, 1.0, lo_open=True)
+        if not isinstance(self.cuda_graph, bool):
+            _fail(name, "cuda_graph", self.cuda_graph, "True or False")
 
 
 NAT_MODES = ("cache", "disentangle", "reuse")
