@@ -15,6 +15,7 @@ from vprune.errors import UnsupportedModelError
 
 # host class name -> (module, integration class). Keep sorted by integration.
 _HOSTS: Dict[str, Tuple[str, str]] = {
+    "LLaDAModelLM": ("vprune.integrations.llada", "LLaDAIntegration"),
     "LlavaForConditionalGeneration": ("vprune.integrations.llava", "LlavaIntegration"),
     "Qwen2VLForConditionalGeneration": ("vprune.integrations.qwen2_vl", "Qwen2VLIntegration"),
     "Qwen2_5_VLForConditionalGeneration": ("vprune.integrations.qwen2_vl", "Qwen2VLIntegration"),
