@@ -1,0 +1,655 @@
+"""Visual token pruning inside a transformers decoder-layer stack (FastV-style, at layer K).
+
+Tested on transformers 5.24 (CPU, fp32/bf16/fp16) and written for 5.17+ (the GPU machines' version):
+the differences that matter (the cache keyword ``cache`` vs ``past_key_values``) are read through
+``integrations._compat``.
+
+What happens in a patched prefill (one call of the host model with visual tokens and an empty cache):
+
+- layers 0..K-1 see every token. The text model runs under a registered attention implementation
+  (``vprune_sdpa`` or ``vprune_eager``: one name in both ``AttentionInterface`` and
+  ``AttentionMaskInterface``, set on the text config only) that delegates every call to the stock
+  SDPA / eager function. At layer K-1 it first recomputes the softmax of only the query rows the
+  strategy needs (FastV: each sequence's last real token; ``semantic``: every text row) against all
+  keys, in fp32, heads averaged after repeating shared K/V heads (``vprune.scoring``). No attention
+  weights are ever requested from the model.
+- a forward pre-hook on layer K selects, per image, the ``config.budget(n_image)`` visual tokens to
+  keep (``vprune.selection``: static k per image, ascending, ties to the lower index) and builds the
+  kept index ``keep [B, L']`` (all text/padding tokens + kept visual tokens, original order).
+- pre-hooks on every layer >= K replace (never mutate) the layer's inputs: hidden states (layer K
+  only; later layers get layer K's pruned output), ``position_embeddings`` (cos/sin rows sliced, so
+  kept tokens keep their original RoPE / mRoPE positions), ``position_ids`` and the 4-D attention
+  mask rows. Mask columns are gathered in the attention function, where the key length is known:
+  the layer's cache holds kept prompt tokens then everything after the prompt, so its columns are
+  ``[keep, P, P+1, ...]`` of the unpruned mask (padded with masked columns up to a StaticCache's
+  buffer length). The KV cache of layers >= K therefore holds L' prompt entries, not L.
+- decode steps (non-empty cache) change nothing but those mask columns (eager, or SDPA with padding;
+  SDPA without padding has no mask). ``generate`` tracks positions itself, so decoding continues
+  after the unpruned length; the cache's ``get_seq_length()`` reads layer 0, which is unpruned.
+
+Same count per row: rows of a batch must keep the same number of tokens. Each image gets its
+budget; a row that would drop more tokens than another keeps extra tokens (its next best) so every
+row drops the minimum over rows (a row without visual tokens means no row drops any: a warning says so).
+
+Limits: attention implementations ``sdpa`` and ``eager`` only (FlashAttention's 2-D masks and
+flex_attention's BlockMask are refused at patch time); sliding-window layers at or after K-1 are
+refused; a plain forward of a patched model returns hidden states / logits of the pruned length
+(``labels=`` cannot apply); beam search with padding (which reorders cache rows) is not supported;
+visual tokens arriving with a non-empty cache (a second turn) are not pruned (a warning says so).
+
+Reuse (OpenVLA, other Llama-style stacks): build an ``LLMPruner`` with the text model's config, its
+decoder layers and the strategy's row mode, ``install`` it with an undo log, and call
+``begin_call(groups, ...)`` / ``end_call()`` around each host forward, where ``groups`` lists the
+visual-token positions of each image of each row (``groups_from_mask`` / ``groups_from_runs`` help).
+Version-dependent layer-input rewriting lives in ``LLMPruner.rewrite_layer_inputs`` and
+``_compat``; a port to another transformers version overrides or extends those.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from vprune import scoring, selection
+from vprune.errors import IncompatibleModelError, MissingInputsError
+from vprune.kernels import gather_rows, select_topk
+
+from . import _compat
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+# strategy -> which query rows are scored at layer K-1 (None: no attention scores needed)
+ROW_MODES = {"fastv": "last", "semantic": "text", "divprune": None, "random": None}
+VLM_STRATEGIES = tuple(ROW_MODES)
+
+ATTR_LINK = "_vprune_llm"  # attribute set (and undone) on each linked attention module
+
+
+class VPruneWarning(UserWarning):
+    """A patched model ran a call in a way the patch could not (fully) act on."""
+
+
+# Groups: per batch row, a list of images, each a sequence of token positions (ascending).
+Groups = List[List[Sequence[int]]]
+
+
+# ------------------------------------------------------------------------------ locating tokens
+def groups_from_mask(is_visual: torch.Tensor, split: Optional[int] = None,
+                     token_ids: Optional[torch.Tensor] = None) -> Groups:
+    """Contiguous runs of visual tokens per row, as image groups (one host sync).
+
+    is_visual: bool [B, L]. split: if given, a run that is a multiple of ``split`` long is cut into
+    chunks of ``split`` (several images placed back to back). token_ids: if given, a change of token id also starts a
+    new group (e.g. Qwen's image pad followed directly by a video pad).
+    """
+    vis = is_visual.detach().to("cpu", torch.bool)
+    ids = token_ids.detach().to("cpu") if token_ids is not None else None
+    out: Groups = []
+    for b in range(vis.shape[0]):
+        row = vis[b]
+        pos = torch.nonzero(row).flatten().tolist()
+        runs: List[List[int]] = []
+        for p in pos:
+            if runs and runs[-1][-1] == p - 1 and (ids is None or int(ids[b, p]) == int(ids[b, p - 1])):
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        groups: List[Sequence[int]] = []
+        for run in runs:
+            if split and len(run) > split and len(run) % split == 0:
+                groups.extend(range(run[i], run[min(i + split, len(run)) - 1] + 1) for i in range(0, len(run), split))
+            else:
+                groups.append(range(run[0], run[-1] + 1))
+        out.append(groups)
+    return out
+
+
+def groups_from_ranges(batch: int, ranges: Sequence[Tuple[int, int]]) -> Groups:
+    """The same image ranges ``[(start, end), ...]`` in every row (e.g. OpenVLA: patches after BOS)."""
+    return [[range(s, e) for s, e in ranges] for _ in range(batch)]
+
+
+# -------------------------------------------------------------------------------- tensor helpers
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, token_dim: int, batch_dim: int) -> torch.Tensor:
+    """Rows ``idx`` [B, k] of ``x`` along ``token_dim``, per batch element along ``batch_dim``.
+
+    A batch dim of size 1 is broadcast to B first (e.g. cos/sin built from position_ids [1, L]).
+    cos/sin [B, L, D]: (token -2, batch -3); mRoPE cos [3, B, L, D]: the same; masks [B, 1, Q, K]:
+    rows (2, 0), columns (3, 0); position ids [B, L] or [3, B, L]: (-1, -2).
+    """
+    nd = x.dim()
+    td, bd = token_dim % nd, batch_dim % nd
+    b = idx.shape[0]
+    if x.shape[bd] != b:
+        if x.shape[bd] != 1:
+            raise ValueError(f"gather_tokens: batch {x.shape[bd]} of a {tuple(x.shape)} tensor does not match {b}")
+        shape = list(x.shape)
+        shape[bd] = b
+        x = x.expand(*shape)
+    if bd == 0:
+        return gather_rows(x, idx, dim=td)
+    moved = x.movedim(bd, 0)
+    new_td = td + 1 if td < bd else td
+    return gather_rows(moved, idx, dim=new_td).movedim(0, bd)
+
+
+def masked_value(mask: torch.Tensor):
+    """The 'may not attend' value of a mask: False for bool, the dtype's minimum for float masks."""
+    return False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+
+
+def padding_from_mask(attention_mask: Any, seq_len: int) -> Optional[torch.Tensor]:
+    """bool [B, L] on the CPU, False at padding, from the mask a prefill got (None: no padding).
+
+    Accepts the usual 2-D mask (1 = real token), a prepared 4-D mask [B, 1, L, K] (bool True = may
+    attend, or additive float 0 = may attend; the last query row of a prefill sees every real prompt
+    token, in columns 0..L-1) or a dict of such masks (Qwen's per-layer-type mapping).
+    """
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+        if attention_mask is None:
+            return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"cannot read padding from a {type(attention_mask).__name__} attention mask")
+    m = attention_mask.detach()
+    if m.dim() == 2:
+        return m[:, -seq_len:].to("cpu").bool()
+    if m.dim() == 4:
+        row = m[:, 0, -1, :seq_len]
+        return (row if row.dtype == torch.bool else row == 0).to("cpu")
+    raise ValueError(f"attention_mask of shape {tuple(m.shape)}: expected [B, L] or [B, 1, L, K]")
+
+
+# ------------------------------------------------------------------------------------ the plan
+@dataclass
+class _Bucket:
+    """Images of one size n with one budget k, across the batch: selected in one kernel call."""
+
+    n: int
+    k: int
+    rows: torch.Tensor  # int64 [M] batch row of each image
+    positions: torch.Tensor  # int64 [M, n] token positions of each image
+
+
+@dataclass
+class PrefillPlan:
+    """Everything decided on the host before a pruned prefill runs (one per call)."""
+
+    batch: int
+    seq_len: int
+    keep_len: int  # L' = L - dropped, the same for every row
+    dropped: int
+    buckets: List[_Bucket]
+    visual: torch.Tensor  # bool [B, L] visual-token mask
+    groups: Groups
+    budgets: List[List[int]]  # per row, per image: tokens kept
+    requested: List[List[int]]  # per row, per image: config.budget(n) before equalising rows
+    score_rows: Optional[torch.Tensor]  # int64 [B, R] query rows scored at layer K-1
+    row_weights: Optional[torch.Tensor]  # [B, R] 1 for a real row, 0 for padding of the row list
+    key_valid: Optional[torch.Tensor]  # bool [B, L] False at padding
+    valid_len: List[int]  # real (non-padding) tokens per row
+
+
+@dataclass
+class SequenceMap:
+    """What the cache of layers >= K holds after a pruned prefill: prompt rows ``keep`` [B, L'] of an
+    ``prompt_len``-token prompt, then every later token."""
+
+    keep: torch.Tensor
+    prompt_len: int
+
+
+@dataclass
+class CallScratch:
+    """Per-call state, created by ``begin_call`` and dropped by ``end_call``."""
+
+    plan: Optional[PrefillPlan] = None
+    seq: Optional[SequenceMap] = None  # mapping used for mask columns at layers >= K in this call
+    scores: Optional[torch.Tensor] = None  # fp32 [B, L] from layer K-1
+    embeddings: Optional[torch.Tensor] = None  # layer-0 input [B, L, D] (divprune)
+    keep: Optional[torch.Tensor] = None  # int64 [B, L'] set at layer K
+    kept_visual: Optional[torch.Tensor] = None  # int64 [B, V'] kept visual positions
+    memo: Dict[Any, Tuple[Any, Any]] = field(default_factory=dict)
+    scored: bool = False
+    pruned_layers: int = 0
+
+
+def _link_of(module: Any) -> Optional[Tuple["LLMPruner", int]]:
+    return module.__dict__.get(ATTR_LINK) if hasattr(module, "__dict__") else None
+
+
+# ----------------------------------------------------------------- registered attention functions
+_REGISTERED: Dict[str, int] = {}  # registered name -> number of installed pruners using it
+
+
+def _make_attention(base: str) -> Callable:
+    def vprune_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        link = _link_of(module)
+        if link is not None:
+            pruner, layer = link
+            attention_mask = pruner.on_attention(layer, module, query, key, attention_mask, kwargs)
+        return _compat.stock_attention(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
+
+    vprune_attention.__name__ = f"vprune_{base}_attention"
+    return vprune_attention
+
+
+def _acquire_attention_name(base: str) -> str:
+    name = f"vprune_{base}"
+    if _REGISTERED.get(name, 0) == 0:
+        _compat.register_attention(name, _make_attention(base), _compat.stock_mask_function(base))
+    _REGISTERED[name] = _REGISTERED.get(name, 0) + 1
+    return name
+
+
+def _release_attention_name(name: str) -> None:
+    left = _REGISTERED.get(name, 0) - 1
+    if left <= 0:
+        _REGISTERED.pop(name, None)
+        _compat.unregister_attention(name)
+    else:
+        _REGISTERED[name] = left
+
+
+# ----------------------------------------------------------------------------------- the pruner
+class LLMPruner:
+    """Prunes visual tokens at decoder layer ``layer`` of a transformers text model.
+
+    text_config: the config the text model and its attention modules read ``_attn_implementation``
+        from (switched to a ``vprune_*`` name while installed).
+    layers: the decoder layers, in order. attention_of: layer -> its attention module (``self_attn``).
+    config: a resolved ``VisualPruning`` (layer, keep, strategy set).
+    row_mode: which query rows score the tokens: "last" (FastV), "text" (every non-visual real row),
+        "all" (every real row: the prefill-mean variant) or None (no attention scores).
+    """
+
+    def __init__(self, text_config: Any, layers: Sequence[torch.nn.Module], config: Any,
+                 row_mode: Optional[str], attention_of: Callable[[torch.nn.Module], Any] = lambda l: l.self_attn,
+                 host_name: str = "model") -> None:
+        self.text_config = text_config
+        self.layers = list(layers)
+        self.config = config
+        self.layer = int(config.layer)
+        self.strategy = config.strategy
+        self.row_mode = row_mode
+        self.attention_of = attention_of
+        self.host_name = host_name
+        self.base_attention = _compat.attn_implementation(text_config)
+        self.seq: Optional[SequenceMap] = None
+        self.call: Optional[CallScratch] = None
+        self.last: Optional[Dict[str, Any]] = None
+        self.calls = 0
+
+    # ---------------------------------------------------------------------------------- install
+    def check(self) -> None:
+        """Raise IncompatibleModelError if this stack cannot be pruned as configured (nothing changes)."""
+        n = len(self.layers)
+        if not 1 <= self.layer <= n - 1:
+            raise ValueError(f"VisualPruning.layer={self.layer} is invalid for {self.host_name} with {n} decoder "
+                             f"layers: allowed an int in [1, {n - 1}]")
+        impl = self.base_attention
+        if impl not in SUPPORTED_ATTENTION:
+            raise IncompatibleModelError(
+                f"{self.host_name}: in-LLM visual pruning needs the language model's attention implementation to "
+                f"be one of {list(SUPPORTED_ATTENTION)}, got {impl!r}; load the model with "
+                f"attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa')) before patching")
+        layer_types = getattr(self.text_config, "layer_types", None)
+        if getattr(self.text_config, "use_sliding_window", False) and layer_types:
+            bad = [i for i, t in enumerate(layer_types) if i >= self.layer - 1 and t != "full_attention"]
+            if bad:
+                raise IncompatibleModelError(
+                    f"{self.host_name}: decoder layers {bad} use sliding-window attention, which in-LLM pruning "
+                    f"does not support (allowed: full attention at layers >= {self.layer - 1})")
+        for i, layer in enumerate(self.layers):
+            attn = self.attention_of(layer)
+            if attn is None:
+                raise IncompatibleModelError(f"{self.host_name}: decoder layer {i} has no attention module")
+            cfg = getattr(attn, "config", self.text_config)
+            if cfg is not self.text_config and _compat.attn_implementation(cfg) != impl:
+                raise IncompatibleModelError(
+                    f"{self.host_name}: decoder layer {i} reads its attention implementation from another config")
+
+    def install(self, undo: Any) -> None:
+        """Switch the text config to the vprune attention name, link attention modules, add layer hooks.
+
+        Every change goes through ``undo`` (an ``UndoLog``); undoing restores the model bit for bit.
+        """
+        self.check()
+        name = _acquire_attention_name(self.base_attention)
+        undo.on_undo(lambda: _release_attention_name(name), f"attention name {name}")
+        configs = {id(self.text_config): self.text_config}
+        for layer in self.layers:
+            cfg = getattr(self.attention_of(layer), "config", None)
+            if cfg is not None:
+                configs[id(cfg)] = cfg
+        for cfg in configs.values():
+            _compat.set_attn_implementation(cfg, name, undo)
+        for i, layer in enumerate(self.layers):
+            undo.set_attr(self.attention_of(layer), ATTR_LINK, (self, i))
+        if self.strategy == "divprune":
+            undo.add_hook(self.layers[0].register_forward_pre_hook(self._layer0_pre_hook, with_kwargs=True))
+        for i in range(self.layer, len(self.layers)):
+            undo.add_hook(self.layers[i].register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+
+    # ------------------------------------------------------------------------------ per call
+    def begin_call(self, groups: Optional[Groups], *, batch: int, seq_len: int, device: torch.device,
+                   attention_mask: Optional[torch.Tensor] = None, cache_len: int = 0) -> None:
+        """Start one host forward.
+
+        groups: visual-token positions per row and image (None or all-empty: no visual tokens).
+        attention_mask: the 2-D padding mask [B, L_total] the host got (1 = real token), or None.
+        cache_len: tokens already in the KV cache (0 = a fresh prefill).
+        """
+        self.calls += 1
+        call = CallScratch()
+        has_visual = bool(groups) and any(len(g) > 0 for row in groups for g in row)
+        if cache_len == 0:
+            self.seq = None  # a fresh sequence: whatever the cache held before is gone
+            if has_visual:
+                call.plan = self._plan(groups, batch, seq_len, device, attention_mask)
+        else:
+            if has_visual:
+                warnings.warn(
+                    f"{self.host_name}: visual tokens arrived with {cache_len} tokens already cached (a second "
+                    f"turn?); vprune prunes only in a prefill from an empty cache, so this call runs unpruned",
+                    VPruneWarning, stacklevel=3)
+            if self.seq is not None and self.seq.keep.shape[0] != batch:
+                raise RuntimeError(
+                    f"{self.host_name}: a decode step with batch {batch} follows a pruned prefill of batch "
+                    f"{self.seq.keep.shape[0]}; vprune cannot map the pruned cache rows (beam search and batch "
+                    f"changes between steps are not supported)")
+            call.seq = self.seq
+        self.call = call
+
+    def end_call(self, failed: bool = False) -> None:
+        """Finish the call: record what happened for ``stats`` and warn if a planned prune never ran."""
+        call, self.call = self.call, None
+        if call is None:
+            return
+        plan = call.plan
+        if plan is None:
+            if call.seq is None:
+                self.last = {"pruned": False, "visual_tokens_before": None}
+            return
+        if call.keep is None:
+            if not failed:
+                warnings.warn(
+                    f"{self.host_name}: the prompt had visual tokens but decoder layer {self.layer} never ran "
+                    f"through vprune in this call; nothing was pruned", VPruneWarning, stacklevel=3)
+            return
+        self.seq = SequenceMap(keep=call.keep, prompt_len=plan.seq_len)
+        self.last = {"pruned": True, "plan": plan, "kept_visual": call.kept_visual, "keep": call.keep,
+                     "pruned_layers": call.pruned_layers}
+
+    # ------------------------------------------------------------------------------- planning
+    def _plan(self, groups: Groups, batch: int, seq_len: int, device: torch.device,
+              attention_mask: Optional[torch.Tensor]) -> PrefillPlan:
+        if len(groups) != batch:
+            raise ValueError(f"visual groups for {len(groups)} rows, batch has {batch}")
+        requested = [[self.config.budget(len(g)) for g in row] for row in groups]
+        drops = [sum(len(g) - k for g, k in zip(row, req)) for row, req in zip(groups, requested)]
+        dropped = min(drops)
+        budgets: List[List[int]] = []
+        for row, req, d in zip(groups, requested, drops):
+            extra = d - dropped  # this row must keep `extra` more tokens than its budgets say
+            ks = list(req)
+            while extra > 0:  # spread evenly over the images that still have tokens to give back
+                open_ = [j for j, g in enumerate(row) if ks[j] < len(g)]
+                share = max(1, extra // len(open_))
+                for j in open_:
+                    add = min(share, extra, len(row[j]) - ks[j])
+                    ks[j] += add
+                    extra -= add
+            budgets.append(ks)
+        if dropped == 0 and max(drops) > 0:
+            warnings.warn(
+                f"{self.host_name}: batch rows {[b for b, d in enumerate(drops) if d == 0]} have no visual tokens "
+                f"to drop, and every row must keep the same number of tokens, so no row is pruned in this call "
+                f"(batch such prompts separately)", VPruneWarning, stacklevel=4)
+
+        visual = torch.zeros(batch, seq_len, dtype=torch.bool)
+        by_size: Dict[Tuple[int, int], Tuple[List[int], List[List[int]]]] = {}
+        for b, (row, ks) in enumerate(zip(groups, budgets)):
+            for g, k in zip(row, ks):
+                pos = list(g)
+                if not pos:
+                    continue
+                if pos[0] < 0 or pos[-1] >= seq_len:
+                    raise ValueError(f"visual positions {pos[0]}..{pos[-1]} outside a sequence of {seq_len}")
+                visual[b, pos] = True
+                rows, plist = by_size.setdefault((len(pos), k), ([], []))
+                rows.append(b)
+                plist.append(pos)
+        buckets = [_Bucket(n=n, k=k, rows=torch.tensor(rows, dtype=torch.long, device=device),
+                           positions=torch.tensor(plist, dtype=torch.long, device=device))
+                   for (n, k), (rows, plist) in sorted(by_size.items())]
+
+        am = padding_from_mask(attention_mask, seq_len)
+        valid_len = [int(am[b].sum()) if am is not None else seq_len for b in range(batch)]
+
+        score_rows = row_weights = None
+        if self.row_mode is not None:
+            per_row: List[List[int]] = []
+            for b in range(batch):
+                ok = am[b] if am is not None else torch.ones(seq_len, dtype=torch.bool)
+                if self.row_mode == "last":
+                    idx = torch.nonzero(ok).flatten()
+                    per_row.append([int(idx[-1]) if len(idx) else seq_len - 1])
+                elif self.row_mode == "text":
+                    per_row.append(torch.nonzero(ok & ~visual[b]).flatten().tolist() or [seq_len - 1])
+                elif self.row_mode == "all":
+                    per_row.append(torch.nonzero(ok).flatten().tolist() or [seq_len - 1])
+                else:
+                    raise ValueError(f"unknown row mode {self.row_mode!r}: allowed 'last', 'text', 'all' or None")
+            r = max(len(p) for p in per_row)
+            rows_t = torch.full((batch, r), seq_len - 1, dtype=torch.long)
+            w = torch.zeros(batch, r, dtype=torch.float32)
+            for b, p in enumerate(per_row):
+                rows_t[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+                w[b, :len(p)] = 1.0
+            score_rows, row_weights = rows_t.to(device), w.to(device)
+
+        return PrefillPlan(
+            batch=batch, seq_len=seq_len, keep_len=seq_len - dropped, dropped=dropped, buckets=buckets,
+            visual=visual.to(device), groups=groups, budgets=budgets, requested=requested,
+            score_rows=score_rows, row_weights=row_weights,
+            key_valid=am.to(device) if am is not None else None, valid_len=valid_len)
+
+    # ------------------------------------------------------------------------------- scoring
+    def on_attention(self, layer: int, module: Any, query: torch.Tensor, key: torch.Tensor,
+                     attention_mask: Any, kwargs: Dict[str, Any]) -> Any:
+        """Called by the registered attention function before the stock one; returns the mask to use."""
+        call = self.call
+        if call is None:
+            return attention_mask
+        plan = call.plan
+        if plan is not None and layer == self.layer - 1 and self.row_mode is not None and query.shape[2] == plan.seq_len:
+            call.scores = self._score(plan, query, key, kwargs.get("scaling"))
+            call.scored = True
+        if layer >= self.layer and isinstance(attention_mask, torch.Tensor):
+            seq = SequenceMap(call.keep, plan.seq_len) if (plan is not None and call.keep is not None) else call.seq
+            if seq is not None:
+                attention_mask = self._mask_columns(call, attention_mask, seq, key.shape[-2])
+        return attention_mask
+
+    def _score(self, plan: PrefillPlan, query: torch.Tensor, key: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+        n = plan.seq_len
+        if key.shape[-2] < n:
+            raise RuntimeError(f"{self.host_name}: layer {self.layer - 1} saw {key.shape[-2]} keys for a "
+                               f"{n}-token prefill; cannot score the visual tokens")
+        key = key[:, :, :n]  # a StaticCache hands back its whole buffer: the prefill wrote slots 0..n-1
+        q_rows = gather_rows(query, plan.score_rows, dim=2)  # [B, H, R, Dh]
+        cols = torch.arange(n, device=query.device)
+        allowed = cols.view(1, 1, n) <= plan.score_rows.unsqueeze(-1)  # causal: [B, R, N]
+        if plan.key_valid is not None:
+            allowed = allowed & plan.key_valid.unsqueeze(1)
+        return scoring.attention_row_scores(q_rows, key, allowed.unsqueeze(1), scale=scale,
+                                            row_weights=plan.row_weights)
+
+    # ----------------------------------------------------------------------------- selection
+    def _select(self, call: CallScratch) -> torch.Tensor:
+        plan = call.plan
+        device = plan.visual.device
+        keep_mask = ~plan.visual
+        for bucket in plan.buckets:
+            kwargs: Dict[str, Any] = {"seed": self.config.seed, "batch": bucket.rows.shape[0], "n": bucket.n,
+                                      "device": device}
+            if self.row_mode is not None:
+                if call.scores is None:
+                    raise MissingInputsError(
+                        f"{self.host_name}: strategy {self.strategy!r} needs the attention of decoder layer "
+                        f"{self.layer - 1}, but that layer never ran through vprune's attention function in this "
+                        f"call (was the attention implementation changed after patching? it is "
+                        f"{_compat.attn_implementation(self.text_config)!r})")
+                kwargs["scores"] = call.scores[bucket.rows.unsqueeze(1), bucket.positions]
+            if self.strategy == "divprune":
+                if call.embeddings is None:
+                    raise MissingInputsError(f"{self.host_name}: divprune needs the layer-0 inputs, which were not seen")
+                kwargs["embeddings"] = call.embeddings[bucket.rows.unsqueeze(1), bucket.positions]
+            local = selection.select_tokens(self.strategy, bucket.k, **kwargs)  # [M, k] ascending
+            kept = bucket.positions.gather(1, local)
+            keep_mask = keep_mask.index_put((bucket.rows.unsqueeze(1).expand_as(kept), kept),
+                                            torch.ones((), dtype=torch.bool, device=device))
+        keep = select_topk(keep_mask.to(torch.float32), plan.keep_len)  # the True entries, ascending
+        call.kept_visual = keep_mask & plan.visual  # bool [B, L]; turned into indices by stats()
+        return keep
+
+    # ------------------------------------------------------------------------------ layer hooks
+    def _layer0_pre_hook(self, module, args, kwargs):
+        call = self.call
+        if call is not None and call.plan is not None:
+            call.embeddings = _compat.layer_hidden(args, kwargs)
+        return None
+
+    def _make_layer_hook(self, index: int) -> Callable:
+        def hook(module, args, kwargs):
+            call = self.call
+            if call is None or call.plan is None:
+                return None
+            if index == self.layer:
+                call.keep = self._select(call)
+            if call.keep is None:
+                return None
+            call.pruned_layers += 1
+            return self.rewrite_layer_inputs(index, call, args, kwargs)
+
+        return hook
+
+    def _memo(self, call: CallScratch, key: Any, original: Any, make: Callable[[], Any]) -> Any:
+        hit = call.memo.get(key)
+        if hit is not None and hit[0] is original:
+            return hit[1]
+        value = make()
+        call.memo[key] = (original, value)  # the original is kept alive so its id is not reused
+        return value
+
+    def rewrite_layer_inputs(self, index: int, call: CallScratch, args: tuple,
+                             kwargs: Dict[str, Any]) -> Tuple[tuple, Dict[str, Any]]:
+        """New (args, kwargs) for decoder layer ``index`` >= K of a pruned prefill (transformers >= 4.48
+        layer signature: hidden_states, attention_mask, position_ids, position_embeddings, cache...)."""
+        keep = call.keep
+        plan = call.plan
+        hidden = _compat.layer_hidden(args, kwargs)
+        if hidden.shape[1] == plan.seq_len and index == self.layer:
+            hidden = gather_rows(hidden, keep, dim=1)
+        elif hidden.shape[1] != plan.keep_len:
+            raise RuntimeError(f"{self.host_name}: decoder layer {index} got {hidden.shape[1]} tokens, expected "
+                               f"{plan.keep_len} after pruning at layer {self.layer}")
+        args, kwargs = _compat.with_layer_hidden(args, kwargs, hidden)
+        pe = kwargs.get("position_embeddings")
+        if pe is not None:
+            kwargs["position_embeddings"] = self._memo(
+                call, ("pe", id(pe)), pe,
+                lambda: tuple(self._gather_seq(t, keep, -2, -3, plan.seq_len) for t in pe))
+        pid = kwargs.get("position_ids")
+        if isinstance(pid, torch.Tensor) and pid.shape[-1] == plan.seq_len:
+            kwargs["position_ids"] = self._memo(call, ("pid", id(pid)), pid,
+                                                lambda: gather_tokens(pid, keep, -1, -2))
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            if mask.dim() != 4:
+                raise RuntimeError(f"{self.host_name}: decoder layer {index} got a {mask.dim()}-D attention mask; "
+                                   f"in-LLM pruning handles 4-D masks (sdpa / eager) only")
+            if mask.shape[2] == plan.seq_len:
+                kwargs["attention_mask"] = self._memo(call, ("mask", id(mask)), mask,
+                                                      lambda: gather_tokens(mask, keep, 2, 0))
+        elif mask is not None:
+            raise RuntimeError(f"{self.host_name}: decoder layer {index} got a {type(mask).__name__} attention "
+                               f"mask, which in-LLM pruning cannot slice")
+        return args, kwargs
+
+    @staticmethod
+    def _gather_seq(t: Any, keep: torch.Tensor, token_dim: int, batch_dim: int, seq_len: int) -> Any:
+        if isinstance(t, torch.Tensor) and t.shape[token_dim] == seq_len:
+            return gather_tokens(t, keep, token_dim, batch_dim)
+        return t
+
+    def _mask_columns(self, call: CallScratch, mask: torch.Tensor, seq: SequenceMap, key_len: int) -> torch.Tensor:
+        def make() -> torch.Tensor:
+            b = seq.keep.shape[0]
+            full = mask.shape[-1]
+            later = torch.arange(seq.prompt_len, full, device=mask.device).unsqueeze(0).expand(b, -1)
+            cols = torch.cat([seq.keep.to(mask.device), later], dim=1)
+            if cols.shape[1] > key_len:
+                raise RuntimeError(
+                    f"{self.host_name}: a pruned layer holds {key_len} cached keys but the mask maps "
+                    f"{cols.shape[1]}; the KV cache does not match vprune's record of the pruned prefill")
+            out = gather_tokens(mask, cols, 3, 0)
+            if cols.shape[1] < key_len:  # StaticCache: unwritten slots stay masked
+                pad = out.new_full((*out.shape[:3], key_len - cols.shape[1]), masked_value(mask))
+                out = torch.cat([out, pad], dim=3)
+            return out
+
+        return self._memo(call, ("cols", id(mask), key_len), mask, make)
+
+    # ---------------------------------------------------------------------------------- stats
+    def stats(self) -> Dict[str, Any]:
+        """Plain-Python summary of the last prefill (syncs the device)."""
+        out: Dict[str, Any] = {"layer": self.layer, "strategy": self.strategy,
+                               "attention": self.base_attention}
+        last = self.last
+        if not last or not last.get("pruned"):
+            out.update(pruned=False, visual_tokens_before=[], visual_tokens_after=[], kept_indices=[],
+                       per_image=[], flops_skipped=[])
+            return out
+        plan: PrefillPlan = last["plan"]
+        kept_visual = last["kept_visual"].to("cpu")
+        before = [int(plan.visual[b].sum()) for b in range(plan.batch)]
+        kept_idx = [torch.nonzero(kept_visual[b]).flatten().tolist() for b in range(plan.batch)]
+        after = [len(k) for k in kept_idx]
+        flops = [self.flops_skipped(plan.valid_len[b], plan.valid_len[b] - plan.dropped) for b in range(plan.batch)]
+        out.update(
+            pruned=True, tokens_before=plan.seq_len, tokens_after=plan.keep_len,
+            visual_tokens_before=before, visual_tokens_after=after, kept_indices=kept_idx,
+            per_image=[[{"tokens": len(g), "requested": r, "kept": k} for g, r, k in zip(row, req, ks)]
+                       for row, req, ks in zip(plan.groups, plan.requested, plan.budgets)],
+            pruned_layers=last["pruned_layers"], flops_skipped=flops)
+        return out
+
+    def flops_skipped(self, n_before: int, n_after: int) -> float:
+        """Estimated fraction of the language model's prefill FLOPs skipped.
+
+        Per decoder layer and n tokens: f(n) = n * 2 * (d*H*dh + 2*d*Hkv*dh + H*dh*d + 3*d*F)
+        (projections and a gated MLP) + 2 * H * dh * n * (n + 1) (causal QK^T and AV). Layers K..N-1
+        run on n_after tokens instead of n_before: skipped = (N - K) * (f(n_before) - f(n_after)) /
+        (N * f(n_before)). Embeddings, norms, the LM head and the vision tower are not counted.
+        """
+        c = self.text_config
+        d = int(c.hidden_size)
+        h = int(c.num_attention_heads)
+        hkv = int(getattr(c, "num_key_value_heads", None) or h)
+        dh = int(getattr(c, "head_dim", None) or d // h)
+        ff = int(getattr(c, "intermediate_size", 4 * d))
+        lin = 2 * (d * h * dh + 2 * d * hkv * dh + h * dh * d + 3 * d * ff)
+
+        def f(n: int) -> float:
+            return n * lin + 2.0 * h * dh * n * (n + 1)
+
+        total_layers = len(self.layers)
+        if n_before <= 0:
+            return 0.0
+        return (total_layers - self.layer) * (f(n_before) - f(n_after)) / (total_layers * f(n_before))
