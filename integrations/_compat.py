@@ -1,0 +1,232 @@
+"""Version-dependent details of host libraries, in one place.
+
+Integrations ask these functions instead of testing versions themselves. Tested on transformers 4.40.1
+(OpenVLA's pinned version, with timm 0.9.16) and transformers 5.24 (timm 1.0). Importing this module
+imports nothing from a host library until a function needs it.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+
+def _version_tuple(text: str) -> Tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        m = re.match(r"\d+", piece)
+        parts.append(int(m.group(0)) if m else 0)
+    return tuple(parts)
+
+
+def transformers_version() -> Tuple[int, ...]:
+    """The installed transformers version as a tuple, (0,) when it is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        return (0,)
+    return _version_tuple(transformers.__version__)
+
+
+def transformers_version_str() -> str:
+    try:
+        import transformers
+    except ImportError:
+        return "not installed"
+    return transformers.__version__
+
+
+# ----------------------------------------------------------------------------- decoder-layer calls
+# Names of the cache keyword a Llama-style decoder layer / attention receives:
+#   4.40.1: past_key_value;  4.4x..5.2x: past_key_values;  5.24+: cache.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
+def layer_cache(kwargs: Dict[str, Any]) -> Any:
+    """The KV cache object passed to a decoder layer or attention module (None if there is none)."""
+    for name in _CACHE_KWARGS:
+        value = kwargs.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def layer_hidden(args: tuple, kwargs: Dict[str, Any]) -> torch.Tensor:
+    """The hidden states a decoder layer / attention module was called with (positional or keyword)."""
+    if args:
+        return args[0]
+    return kwargs["hidden_states"]
+
+
+def with_layer_hidden(args: tuple, kwargs: Dict[str, Any], hidden: torch.Tensor) -> Tuple[tuple, Dict[str, Any]]:
+    """(args, kwargs) with the hidden states replaced (new containers; the caller's are not mutated)."""
+    if args:
+        return (hidden,) + tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = hidden
+    return tuple(args), kwargs
+
+
+def cache_seq_length(cache: Any) -> int:
+    """Tokens already in ``cache`` (layer 0): 0 for None, an empty Cache object or an empty legacy tuple."""
+    if cache is None:
+        return 0
+    if isinstance(cache, (tuple, list)):
+        if len(cache) == 0 or cache[0] is None or len(cache[0]) == 0:
+            return 0
+        return int(cache[0][0].shape[-2])
+    get = getattr(cache, "get_seq_length", None)
+    if get is None:
+        raise TypeError(f"unsupported KV cache type {type(cache).__name__}")
+    return int(get())
+
+
+def cache_layer_keys(cache: Any, layer_idx: int) -> Optional[torch.Tensor]:
+    """Post-RoPE keys [B, Hkv, T, Dh] that ``cache`` holds for ``layer_idx`` (None if unavailable).
+
+    transformers 4.40.1 ``DynamicCache`` keeps ``key_cache[i]``; 5.x keeps ``layers[i].keys``.
+    """
+    if cache is None:
+        return None
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56 / 5.x
+        if layer_idx >= len(layers):
+            return None
+        keys = getattr(layers[layer_idx], "keys", None)
+        return keys if isinstance(keys, torch.Tensor) and keys.numel() else None
+    key_cache = getattr(cache, "key_cache", None)  # transformers 4.40 - 4.55
+    if key_cache is not None:
+        if layer_idx >= len(key_cache):
+            return None
+        keys = key_cache[layer_idx]
+        return keys if isinstance(keys, torch.Tensor) and keys.numel() else None
+    return None
+
+
+# ------------------------------------------------------------------------------- attention pieces
+def attention_geometry(attn: Any) -> Tuple[int, int, int, float]:
+    """(query heads, key/value heads, head dim, softmax scale) of a Llama-style attention module."""
+    cfg = getattr(attn, "config", None)
+    n_heads = getattr(attn, "num_heads", None) or getattr(cfg, "num_attention_heads", None)
+    n_kv = getattr(attn, "num_key_value_heads", None) or getattr(cfg, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(attn, "head_dim", None)
+    if n_heads is None or head_dim is None:
+        raise AttributeError(f"{type(attn).__name__} has no num_heads/head_dim: not a Llama-style attention")
+    scale = getattr(attn, "scaling", None)
+    if scale is None:
+        scale = head_dim ** -0.5
+    return int(n_heads), int(n_kv), int(head_dim), float(scale)
+
+
+def rope_cos_sin(attn: Any, hidden: torch.Tensor, kwargs: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, L, Dh] for the rows of ``hidden`` [B, L, D] as the attention module will use them.
+
+    transformers >= 4.48 hands the attention ``position_embeddings=(cos, sin)``; 4.40.1 computes them
+    inside the attention from ``position_ids`` with its own ``rotary_emb``.
+    """
+    pe = kwargs.get("position_embeddings")
+    if pe is not None:
+        return pe[0], pe[1]
+    rotary = getattr(attn, "rotary_emb", None)
+    position_ids = kwargs.get("position_ids")
+    if rotary is None or position_ids is None:
+        raise RuntimeError(
+            f"cannot find RoPE inputs for {type(attn).__name__}: neither position_embeddings nor "
+            f"rotary_emb + position_ids were passed (transformers {transformers_version_str()})")
+    return rotary(hidden, position_ids)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotate-half RoPE: x [B, H, R, Dh], cos/sin [B, R, Dh] -> [B, H, R, Dh]."""
+    cos = cos.unsqueeze(1).to(x.dtype)
+    sin = sin.unsqueeze(1).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ------------------------------------------------------------------------------- known host bugs
+def generate_passes_empty_cache_first() -> bool:
+    """True where ``generate()`` hands the model an empty cache *object* (not None) at the first step.
+
+    From transformers 4.50 on, remote code written for 4.40 that tests ``past_key_values is not None``
+    to detect a cached decode step (OpenVLA's ``prepare_inputs_for_generation``) takes its first
+    generation step for a decode step and skips the vision tower.
+    """
+    return transformers_version() >= (4, 50)
+
+
+# ------------------------------------------------------- attention implementations (transformers >= 4.48)
+def attn_implementation(config: Any) -> Optional[str]:
+    """The attention implementation a (text) config selects: 'sdpa', 'eager', 'flash_attention_2', ..."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def set_attn_implementation(config: Any, name: str, undo: Any) -> None:
+    """Point ``config`` at attention implementation ``name``, recorded in ``undo`` (an ``UndoLog``).
+
+    transformers 4.4x..5.x keep the value in ``config._attn_implementation_internal`` behind a
+    property; writing that attribute directly touches only this config (not the vision tower's) and
+    restores exactly on undo. Models read it at every forward, so it works after loading.
+    """
+    if "_attn_implementation_internal" in getattr(config, "__dict__", {}) or hasattr(type(config), "_attn_implementation"):
+        undo.set_attr(config, "_attn_implementation_internal", name)
+    else:  # very old configs: a plain attribute
+        undo.set_attr(config, "_attn_implementation", name)
+
+
+def register_attention(name: str, attention_fn: Any, mask_fn: Any) -> None:
+    """Register ``name`` in both ``AttentionInterface`` and ``AttentionMaskInterface``.
+
+    Both are needed: with the attention name alone, ``create_causal_mask`` does not know the name and
+    returns no mask, silently dropping padding (verified on 5.23).
+    """
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(name, attention_fn)
+    AttentionMaskInterface.register(name, mask_fn)
+
+
+def unregister_attention(name: str) -> None:
+    """Remove a name added by ``register_attention`` (a no-op where it is absent)."""
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface._global_mapping.pop(name, None)
+    AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+_EAGER_BY_MODULE: Dict[str, Any] = {}
+
+
+def stock_attention(base: str, attn_module: Any) -> Any:
+    """The function transformers itself would call for ``base`` ('sdpa' or 'eager') in ``attn_module``.
+
+    'eager' is the ``eager_attention_forward`` of the attention module's own modeling file (models
+    differ in small ways), falling back to Llama's.
+    """
+    if base == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    if base == "eager":
+        mod_name = type(attn_module).__module__
+        fn = _EAGER_BY_MODULE.get(mod_name)
+        if fn is None:
+            import sys
+
+            fn = getattr(sys.modules.get(mod_name), "eager_attention_forward", None)
+            if fn is None:
+                from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+            _EAGER_BY_MODULE[mod_name] = fn
+        return fn
+    raise ValueError(f"no stock attention function for {base!r}: allowed 'sdpa' or 'eager'")
+
+
+def stock_mask_function(base: str) -> Any:
+    """The ``AttentionMaskInterface`` entry transformers uses for ``base`` ('sdpa' or 'eager')."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS[base]
