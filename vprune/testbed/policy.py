@@ -8,7 +8,7 @@ vprune integration patches both:
     policy.vision_backbone.fused_featurizer  only with ``use_fused_vision_backbone``: a second ViT on
                                              channels 3:6 of the 6-channel pixel_values
     policy.projector                         MLP fc1 -> GELU -> fc2 into the LLM width
-    policy.language_model                    transformers LlamaForCausalLM (6 layers, hidden 128, GQA 4/2)
+    policy.language_model                    transformers LlamaForCausalLM (4 layers, hidden 128, GQA 4/2)
     policy.config.n_action_bins, .norm_stats action bins = the last vocabulary ids; un-normalisation
 
 The projected patches are inserted right after BOS: LLM sequence = [BOS, 64 patches, prompt, actions].
@@ -69,8 +69,8 @@ class TestbedVLAConfig(_BaseConfig):
     model_type = "testbed_vla"
     sub_configs = {"text_config": LlamaConfig}
 
-    def __init__(self, image_size: int = 64, patch_size: int = 8, vision_dim: int = 96,
-                 vision_depth: int = 4, vision_heads: int = 4, use_fused_vision_backbone: bool = False,
+    def __init__(self, image_size: int = 64, patch_size: int = 8, vision_dim: int = 64,
+                 vision_depth: int = 3, vision_heads: int = 2, use_fused_vision_backbone: bool = False,
                  text_config: Optional[Any] = None, n_action_bins: int = 256,
                  norm_stats: Optional[Dict[str, Any]] = None, pad_to_multiple_of: int = 0,
                  **kwargs: Any):
@@ -106,9 +106,9 @@ class TestbedVLAConfig(_BaseConfig):
 
 
 def default_text_config(vocab_size: int = 64 + 256) -> LlamaConfig:
-    """The shipped LLM: 6 layers, hidden 128, 4 query heads sharing 2 K/V heads."""
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=320,
-                       num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+    """The shipped LLM: 4 layers, hidden 128, 4 query heads sharing 2 K/V heads."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
                        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
