@@ -63,7 +63,9 @@ _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 if HAS_TRITON:
 
-    @triton.jit
+    # Row counts and the token count vary per call and gain nothing from specialisation; r and the
+    # strides stay specialised (divisibility by 16 lets the copies use 16-byte vector accesses).
+    @triton.jit(do_not_specialize=["n_rows", "k", "m", "n"])
     def _gather_rows_kernel(
         x_ptr, idx_ptr, out_ptr, n_rows, k, m, n, r,
         sx_b, sx_m, sx_n, si_b, si_k,

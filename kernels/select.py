@@ -93,20 +93,22 @@ def _num_warps(block: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _row_keys(base_ptr, offs, n, ABS_MASK: tl.constexpr, INF_BITS: tl.constexpr, KEY_MIN: tl.constexpr):
+    def _row_keys(base_ptr, offs, n, inf_bits, ABS_MASK: tl.constexpr, KEY_MIN: tl.constexpr):
         """int32 order-preserving keys of the lanes ``offs`` of one row; lanes >= n get KEY_MIN."""
         # other=ABS_MASK is a NaN bit pattern, so padding lanes fall into the NaN branch below.
         bits = tl.load(base_ptr + offs, mask=offs < n, other=ABS_MASK).to(tl.int32)  # sign-extends int16
         mag = bits & ABS_MASK
         key = tl.where(bits < 0, bits ^ ABS_MASK, bits)  # negative floats: larger magnitude -> smaller key
         key = tl.where(mag == 0, 0, key)  # -0.0 ties with +0.0
-        key = tl.where(mag > INF_BITS, KEY_MIN, key)  # NaN (and padding) below -inf
+        key = tl.where(mag > inf_bits, KEY_MIN, key)  # NaN (and padding) below -inf
         return key
 
-    @triton.jit
+    # n and k are not specialised (k == 1 or n % 16 would otherwise compile extra variants for no
+    # gain); inf_bits is a runtime value so fp16 and bf16 share one compiled kernel.
+    @triton.jit(do_not_specialize=["n", "k"])
     def _select_topk_kernel(
-        bits_ptr, out_ptr, k_ptr, n, k, stride_row, stride_out,
-        KEY_BITS: tl.constexpr, ABS_MASK: tl.constexpr, INF_BITS: tl.constexpr, KEY_MIN: tl.constexpr,
+        bits_ptr, out_ptr, k_ptr, n, k, inf_bits, stride_row, stride_out,
+        KEY_BITS: tl.constexpr, ABS_MASK: tl.constexpr, KEY_MIN: tl.constexpr,
         BLOCK: tl.constexpr, NUM_TILES: tl.constexpr, PER_ROW_K: tl.constexpr,
     ):
         """One program per row: keys -> k-th largest key by bisection -> in-order compaction."""
@@ -119,7 +121,7 @@ if HAS_TRITON:
             k_row = k
         offs = tl.arange(0, BLOCK)
         if NUM_TILES == 1:
-            keys = _row_keys(base, offs, n, ABS_MASK, INF_BITS, KEY_MIN)
+            keys = _row_keys(base, offs, n, inf_bits, ABS_MASK, KEY_MIN)
 
         # Threshold: largest T with #(key >= T) >= k. Built from KEY_MIN upward one bit at a time;
         # int64 scalars because KEY_MIN + 2**31 overflows int32 before the candidate is final.
@@ -132,7 +134,7 @@ if HAS_TRITON:
             else:
                 cnt = tl.full([], 0, tl.int32)
                 for t in range(NUM_TILES):
-                    kt = _row_keys(base, t * BLOCK + offs, n, ABS_MASK, INF_BITS, KEY_MIN)
+                    kt = _row_keys(base, t * BLOCK + offs, n, inf_bits, ABS_MASK, KEY_MIN)
                     cnt += tl.sum((kt >= c32).to(tl.int32), axis=0)
             lo = tl.where(cnt >= k_row, cand, lo)
         thr = lo.to(tl.int32)
@@ -154,14 +156,14 @@ if HAS_TRITON:
         else:
             n_gt = tl.full([], 0, tl.int32)
             for t in range(NUM_TILES):
-                kt = _row_keys(base, t * BLOCK + offs, n, ABS_MASK, INF_BITS, KEY_MIN)
+                kt = _row_keys(base, t * BLOCK + offs, n, inf_bits, ABS_MASK, KEY_MIN)
                 n_gt += tl.sum((kt > thr).to(tl.int32), axis=0)
             need = k_row - n_gt
             gt_seen = tl.full([], 0, tl.int32)
             eq_seen = tl.full([], 0, tl.int32)
             for t in range(NUM_TILES):
                 idx = t * BLOCK + offs
-                kt = _row_keys(base, idx, n, ABS_MASK, INF_BITS, KEY_MIN)
+                kt = _row_keys(base, idx, n, inf_bits, ABS_MASK, KEY_MIN)
                 gt = (kt > thr).to(tl.int32)
                 eq = (kt == thr).to(tl.int32)
                 incl = tl.cumsum(gt + (eq << 16), axis=0)
@@ -188,8 +190,8 @@ def _launch_select(scores: torch.Tensor, out: torch.Tensor, k: int, k_per_row: O
         block = TILE_BLOCK
         num_tiles = triton.cdiv(n, block)
     _select_topk_kernel[(b,)](
-        bits, out, k_per_row if k_per_row is not None else out, n, k, bits.stride(0), out.stride(0),
-        KEY_BITS=key_bits, ABS_MASK=abs_mask, INF_BITS=inf_bits, KEY_MIN=-(1 << (key_bits - 1)),
+        bits, out, k_per_row if k_per_row is not None else out, n, k, inf_bits, bits.stride(0), out.stride(0),
+        KEY_BITS=key_bits, ABS_MASK=abs_mask, KEY_MIN=-(1 << (key_bits - 1)),
         BLOCK=block, NUM_TILES=num_tiles, PER_ROW_K=k_per_row is not None,
         num_warps=_num_warps(block),
     )
