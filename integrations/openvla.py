@@ -1,0 +1,696 @@
+"""OpenVLA-structured robot policies: dual-level, temporal-aware visual token pruning (VLA-Pruner).
+
+Host versions tested on: transformers 4.40.1 + timm 0.9.16 (OpenVLA's pinned stack) and transformers
+5.24 + timm 1.0.31, torch 2.14.1 (CPU, fp32), with a tiny random-weight OpenVLA-structured model and the
+testbed policy (``vprune.testbed``). The real remote-code ``OpenVLAForActionPrediction`` is matched by
+class name and attribute structure, without importing it.
+
+Host structure this integration needs (checked by ``check_structure``)::
+
+    model.vision_backbone.featurizer         timm ViT (the "alpha" backbone)
+    model.vision_backbone.fused_featurizer   second ViT when use_fused_vision_backbone (pixel_values 3+3 ch)
+    model.projector                          vision features [B, N, Dv] -> LLM embeddings [B, N, D]
+    model.language_model                     a Llama-style causal LM (``.model.layers[i].self_attn``)
+
+The host inserts the N projected patches right after the first token (BOS): LLM sequence
+``[BOS, v_0 .. v_{N-1}, prompt..., action tokens...]``. Several images (e.g. a wrist camera: the channel
+count of ``pixel_values`` is a multiple of 3, or of 6 with a fused backbone) give consecutive blocks of
+N / n_images tokens, each pruned with its own budget ``config.budget(N / n_images)``.
+
+One control step (one ``predict_action`` / ``generate`` call) runs like this:
+
+1. Prefill (a forward whose KV cache is empty): the projector output (the layer-0 visual embeddings) is
+   captured. At decoder layer K-1 a hook recomputes the last prompt row's attention over the visual keys
+   (``semantic="last"``; ``"prefill_mean"`` averages every prefill row): the semantic score, [B, N].
+   The action score is the smoothed history of the previous ``history`` control steps
+   (``vprune.temporal``). The strategy (default ``dual``: union of both top-M sets, cut to M by
+   greedy max-min cosine diversity over the visual embeddings) picks M tokens per image.
+   Layers K.. receive only [BOS, kept visual tokens, prompt]: a pre-hook on every layer >= K hands it
+   the gathered hidden states, position ids / RoPE cos-sin, 4-D mask rows and columns; kept tokens keep
+   their original positions.
+2. Action decode (forwards with a non-empty cache): the keep set is fixed; pruned layers get their mask
+   columns gathered. At the action layer (default the middle one) a hook recomputes one query row per
+   decode step (and the last prefill row, whose output is the first action token) over that layer's
+   cached keys: the attention on the visual keys, 0 for pruned tokens, averaged over heads and rows.
+3. The next prefill (a new control step) first appends that mean to the history.
+
+Warm-up: the first ``warmup`` (default ``history``) control steps of an episode run unpruned but still
+record action scores. With a batch, rows are separate environments: history and warm-up are per row;
+if any row is in warm-up the whole batch runs unpruned that step (shapes must agree across rows).
+
+A new episode: call ``vprune.reset(model)``; the policy's own ``reset()`` (if its class has one) is patched
+to do the same; for one environment of a batched rollout call
+``vprune.integrations.openvla.reset_rows(model, rows)``.
+
+When a prefill runs without the vision tower (no ``pixel_values``, or transformers >= 4.50 with OpenVLA's
+remote code, whose ``generate`` passes an empty cache object at the first step so the remote
+``prepare_inputs_for_generation`` treats it as a cached decode step and skips the vision tower), the
+patched model raises ``MissingInputsError`` naming the cause instead of running unpruned.
+
+Defaults (``default_config``): strategy "dual"; K = 3 for an LLM of >= 12 layers, ``max(1, depth // 4)``
+for shallower ones (so a 6-layer LLM prunes from layer 1, a 4-layer one from 1, 8 layers from 2) and never
+past the last layer; action layer = (depth - 1) // 2 (15 of 32, the paper's layer).
+
+Limitations: StaticCache is not supported (pruned layers would need padded columns); a plain forward of a
+pruned model returns logits of the pruned length (``generate`` is unaffected); the mask must be a tensor
+or None (flex-attention BlockMasks are not supported); batch rows share one visual layout.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from vprune.config import TechniqueConfig, VisualPruning
+from vprune.errors import IncompatibleModelError, MissingInputsError
+from vprune.integrations import _compat
+from vprune.integrations.registry import Integration
+from vprune.scoring import attention_row_scores
+from vprune.selection import dual_select, select_tokens
+from vprune.temporal import ActionHistory
+from vprune.undo import vprune_subclass
+
+VISUAL_START = 1  # the host inserts the patches right after BOS
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _decoder_layers(model: Any) -> Optional[Sequence[Any]]:
+    lm = getattr(model, "language_model", None)
+    if lm is None:
+        return None
+    for path in (("model", "layers"), ("layers",), ("model", "model", "layers")):
+        obj = lm
+        for name in path:
+            obj = getattr(obj, name, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    return None
+
+
+def default_layer(depth: int) -> int:
+    """K for an LLM of ``depth`` layers: 3 (VLA-Pruner's, for 32 layers) from 12 layers on, else
+    ``max(1, depth // 4)``; at most depth - 1 so at least one layer is pruned."""
+    k = 3 if depth >= 12 else max(1, depth // 4)
+    return max(1, min(k, depth - 1))
+
+
+def default_action_layer(depth: int) -> int:
+    """The middle layer: (depth - 1) // 2 (layer 15 of 32, as VLA-Pruner)."""
+    return (depth - 1) // 2
+
+
+def _gather_seq(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gather along ``dim`` with per-row indices ``idx`` [B, L'] (x's batch dim may be 1: broadcast)."""
+    b = idx.shape[0]
+    if x.shape[0] != b:
+        x = x.expand(b, *x.shape[1:])
+    shape = [1] * x.dim()
+    shape[0] = b
+    shape[dim] = idx.shape[1]
+    view = idx.view(shape)
+    expand = list(x.shape)
+    expand[dim] = idx.shape[1]
+    return torch.gather(x, dim, view.expand(expand))
+
+
+def _bool_allowed(mask: torch.Tensor) -> torch.Tensor:
+    """A mask (bool True = attend, or additive float 0 / large negative) as bool allowed."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+@dataclass
+class _Runtime:
+    """Per-model runtime state (``state.runtime``): temporal history plus this control step's scratch."""
+
+    history: ActionHistory
+    layer: int
+    action_layer: int
+    depth: int
+    fused: bool
+    phase: str = "idle"                          # "idle" | "prefill" | "decode"
+    active: bool = False                          # a control step is in progress (prefill seen)
+    warm: List[bool] = field(default_factory=list)
+    text_mask: Optional[torch.Tensor] = None      # 2-D attention_mask of the prefill call (text space)
+    n_images: int = 1
+    visual_emb: Optional[torch.Tensor] = None     # [B, N, D] projector output (layer-0 visual embeddings)
+    seq_len: int = 0                              # L: unpruned prefill length
+    mm_mask: Optional[torch.Tensor] = None        # [B, L] bool, real (non-pad) tokens
+    semantic: Optional[torch.Tensor] = None       # [B, N]
+    kept_visual: Optional[torch.Tensor] = None    # [B, M] ascending, None when unpruned
+    keep_seq: Optional[torch.Tensor] = None       # [B, L'] kept positions of the prefill sequence
+    action_sum: Optional[torch.Tensor] = None     # [B, N] sum of action rows this control step
+    action_rows: int = 0
+    decode_steps: int = 0
+    control_steps: int = 0
+    last: Optional[Dict[str, Any]] = None         # what the last prefill decided (tensors, for stats)
+
+    def clear_step(self) -> None:
+        self.phase = "idle"
+        self.active = False
+        self.warm = []
+        self.text_mask = None
+        self.n_images = 1
+        self.visual_emb = None
+        self.seq_len = 0
+        self.mm_mask = None
+        self.semantic = None
+        self.kept_visual = None
+        self.keep_seq = None
+        self.action_sum = None
+        self.action_rows = 0
+        self.decode_steps = 0
+
+    def commit_action(self) -> None:
+        """Append this control step's mean action row to the history (if one was recorded)."""
+        if self.active and self.action_sum is not None and self.action_rows > 0:
+            self.history.record(self.action_sum / self.action_rows)
+        self.action_sum = None
+        self.action_rows = 0
+
+
+_SIGNATURES: Dict[type, inspect.Signature] = {}
+
+
+def _state_of(model: Any) -> Any:
+    return model.__dict__.get("_vprune")
+
+
+# ------------------------------------------------------------------------------ the patched class
+_FORWARDS: Dict[type, Any] = {}
+
+
+def _forward_for(original: type) -> Any:
+    """The patched ``forward`` for host class ``original``: marks the control-step phase, then runs the
+    host's forward. ``functools.wraps`` keeps the host's signature visible to ``generate``."""
+    fn = _FORWARDS.get(original)
+    if fn is not None:
+        return fn
+
+    @functools.wraps(original.forward)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        state = _state_of(self)
+        if state is None:  # being patched/unpatched: behave as the host
+            return original.forward(self, *args, **kwargs)
+        state.integration._begin_call(self, state, original, args, kwargs)
+        try:
+            return original.forward(self, *args, **kwargs)
+        finally:
+            state.runtime.phase = "idle"
+
+    _FORWARDS[original] = forward
+    return forward
+
+
+def _patched_reset(self, *args: Any, **kwargs: Any) -> Any:
+    state = _state_of(self)
+    if state is not None:
+        state.integration.reset(self, state)
+    return type(self)._vprune_original_class.reset(self, *args, **kwargs)
+
+
+def reset_rows(model: Any, rows: Sequence[int]) -> None:
+    """Start a new episode for some rows of a batched rollout: clears their action history and restarts
+    their warm-up (``vprune.reset(model)`` clears every row)."""
+    state = _state_of(model)
+    if state is None or not isinstance(state.runtime, _Runtime):
+        raise MissingInputsError("reset_rows: the model is not patched by vprune's OpenVLA integration")
+    rt: _Runtime = state.runtime
+    rt.commit_action()
+    rt.clear_step()
+    rt.history.reset(rows=list(rows))
+
+
+# ------------------------------------------------------------------------------------ integration
+class OpenVLAIntegration(Integration):
+    """VLA-Pruner for OpenVLA-structured policies (see the module docstring)."""
+
+    name = "openvla"
+    techniques = ("visual_pruning",)
+    tested_on = "transformers 4.40.1 + timm 0.9.16; transformers 5.24 + timm 1.0.31; torch 2.14.1"
+
+    # ---------------------------------------------------------------------------- config
+    def check_structure(self, model: Any) -> None:
+        missing: List[str] = []
+        vb = getattr(model, "vision_backbone", None)
+        if vb is None:
+            missing.append("vision_backbone")
+        else:
+            if getattr(vb, "featurizer", None) is None:
+                missing.append("vision_backbone.featurizer")
+            if getattr(vb, "use_fused_vision_backbone", False) and getattr(vb, "fused_featurizer", None) is None:
+                missing.append("vision_backbone.fused_featurizer (use_fused_vision_backbone is True)")
+        if getattr(model, "projector", None) is None:
+            missing.append("projector")
+        if getattr(model, "language_model", None) is None:
+            missing.append("language_model")
+        else:
+            layers = _decoder_layers(model)
+            if layers is None or len(layers) == 0:
+                missing.append("language_model.model.layers (decoder layers)")
+            else:
+                for i, layer in enumerate(layers):
+                    attn = getattr(layer, "self_attn", None)
+                    need = ("q_proj", "k_proj")
+                    if attn is None or any(getattr(attn, n, None) is None for n in need):
+                        missing.append(f"language_model.model.layers[{i}].self_attn.q_proj/k_proj")
+                        break
+        if missing:
+            raise IncompatibleModelError(
+                f"{type(model).__name__} matched the OpenVLA integration by class name but lacks "
+                f"{', '.join(missing)}; it needs vision_backbone(.featurizer[, .fused_featurizer]), "
+                f"projector and a Llama-style language_model")
+
+    def _depth(self, model: Any) -> int:
+        layers = _decoder_layers(model)
+        if layers is None:
+            self.check_structure(model)
+        return len(layers)
+
+    def default_config(self, model: Any, **overrides: Any) -> TechniqueConfig:
+        overrides.setdefault("strategy", "dual")
+        return VisualPruning(**overrides)
+
+    def resolve_config(self, model: Any, config: TechniqueConfig) -> TechniqueConfig:
+        if not isinstance(config, VisualPruning):
+            raise ValueError(f"the OpenVLA integration applies VisualPruning, got {type(config).__name__}")
+        depth = self._depth(model)
+        changes: Dict[str, Any] = {}
+        if config.strategy is None:
+            changes["strategy"] = "dual"
+        layer = config.layer if config.layer is not None else default_layer(depth)
+        if not 1 <= layer <= depth - 1:
+            raise ValueError(
+                f"VisualPruning.layer={layer} is invalid for {type(model).__name__}: allowed an int in "
+                f"[1, {depth - 1}] (its language model has {depth} decoder layers)")
+        changes["layer"] = layer
+        action_layer = config.action_layer if config.action_layer is not None else default_action_layer(depth)
+        if not 0 <= action_layer <= depth - 1:
+            raise ValueError(
+                f"VisualPruning.action_layer={action_layer} is invalid for {type(model).__name__}: allowed "
+                f"an int in [0, {depth - 1}] (its language model has {depth} decoder layers)")
+        changes["action_layer"] = action_layer
+        return config.replace(**changes)
+
+    # ----------------------------------------------------------------------------- apply
+    def apply(self, model: Any, config: TechniqueConfig, state: Any) -> None:
+        layers = _decoder_layers(model)
+        depth = len(layers)
+        k, a = config.layer, config.action_layer
+        vb = model.vision_backbone
+        rt = _Runtime(history=ActionHistory(config.history, config.decay, config.effective_warmup),
+                      layer=k, action_layer=a, depth=depth,
+                      fused=bool(getattr(vb, "use_fused_vision_backbone", False)))
+        state.runtime = rt
+        original = type(model)
+        namespace: Dict[str, Any] = {"forward": _forward_for(original)}
+        if callable(getattr(original, "reset", None)):
+            namespace["reset"] = _patched_reset
+        cls = vprune_subclass(original, namespace, tag="openvla")
+        state.undo.swap_class(model, cls)
+
+        undo = state.undo
+        undo.add_hook(model.projector.register_forward_hook(self._projector_hook(state)))
+        undo.add_hook(layers[0].register_forward_pre_hook(self._first_layer_hook(model, state), with_kwargs=True))
+        undo.add_hook(layers[k - 1].self_attn.register_forward_hook(
+            self._semantic_hook(model, state), with_kwargs=True))
+        for i in range(k, depth):
+            undo.add_hook(layers[i].register_forward_pre_hook(self._pruned_layer_hook(state), with_kwargs=True))
+        undo.add_hook(layers[a].self_attn.register_forward_hook(
+            self._action_hook(state, a), with_kwargs=True))
+        state.targets.extend([
+            f"language_model layers {k}..{depth - 1} (visual tokens pruned from layer {k})",
+            f"semantic score at layer {k - 1}",
+            f"action score at layer {a}",
+            "projector output (layer-0 visual embeddings)",
+        ])
+        if "reset" in namespace:
+            state.targets.append(f"{original.__name__}.reset() also clears the action history")
+
+    # ------------------------------------------------------------------------- per call
+    def _begin_call(self, model: Any, state: Any, original: type, args: tuple, kwargs: dict) -> None:
+        rt: _Runtime = state.runtime
+        state.calls += 1
+        sig = _SIGNATURES.get(original)
+        if sig is None:
+            sig = _SIGNATURES[original] = inspect.signature(original.forward)
+        try:
+            bound = sig.bind_partial(model, *args, **kwargs).arguments
+        except TypeError:
+            bound = dict(kwargs)
+        extra = bound.get("kwargs") or {}
+        cache = None
+        for name in ("cache", "past_key_values", "past_key_value"):
+            cache = bound.get(name, extra.get(name))
+            if cache is not None:
+                break
+        input_ids = bound.get("input_ids")
+        pixel_values = bound.get("pixel_values")
+        past = _compat.cache_seq_length(cache)
+        if past > 0:
+            rt.phase = "decode" if rt.active else "idle"
+            return
+        # A new control step (empty cache): close the previous one, check the inputs.
+        rt.commit_action()
+        rt.clear_step()
+        cls_name = type(model).__mro__[1].__name__
+        n_in = None
+        if isinstance(input_ids, torch.Tensor):
+            n_in = input_ids.shape[1]
+        if pixel_values is None:
+            if n_in == 1 and cache is not None:
+                raise MissingInputsError(self._bug_message(cls_name))
+            raise MissingInputsError(
+                f"patched {cls_name} ran a prefill without pixel_values: its vision tower did not run, so "
+                f"there were no visual tokens to prune (vprune refuses to run silently unpruned). Pass the "
+                f"image (pixel_values) with the prompt"
+                + (f"; {self._bug_hint()}" if n_in == 1 else ""))
+        if n_in == 1:
+            raise MissingInputsError(self._bug_message(cls_name))
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be a [B, C, H, W] tensor, got {type(pixel_values).__name__}"
+                             f"{tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else ''}")
+        per_image = 6 if rt.fused else 3
+        channels = pixel_values.shape[1]
+        if channels % per_image:
+            raise ValueError(
+                f"pixel_values has {channels} channels: allowed a multiple of {per_image} "
+                f"({'3 + 3 per image for the fused backbone' if rt.fused else '3 per image'})")
+        batch = pixel_values.shape[0]
+        rt.warm = rt.history.begin_step(batch)
+        rt.n_images = channels // per_image
+        rt.text_mask = bound.get("attention_mask")
+        rt.phase = "prefill"
+        rt.active = True
+        rt.control_steps += 1
+
+    @staticmethod
+    def _bug_hint() -> str:
+        return (f"installed transformers is {_compat.transformers_version_str()}; from 4.50 on, generate() passes an "
+                f"empty cache object at the first step and OpenVLA's remote prepare_inputs_for_generation "
+                f"takes that for a cached decode step, cutting the prompt to its last token and skipping the "
+                f"vision tower")
+
+    def _bug_message(self, cls_name: str) -> str:
+        return (f"patched {cls_name} ran its first step with an empty KV cache object and a single input "
+                f"token, so the vision tower did not run and the action would come from a 1-token prompt "
+                f"without the image. This is the transformers >= 4.50 incompatibility of OpenVLA's remote "
+                f"code ({self._bug_hint()}). Use transformers 4.40.1 with timm 0.9.16 as OpenVLA requires, "
+                f"or a prepare_inputs_for_generation that tests the cache length instead of "
+                f"'past_key_values is not None'")
+
+    # ------------------------------------------------------------------------- hooks
+    def _projector_hook(self, state: Any):
+        def hook(module: Any, args: tuple, output: Any) -> None:
+            rt: _Runtime = state.runtime
+            if rt.phase == "prefill" and isinstance(output, torch.Tensor):
+                rt.visual_emb = output
+        return hook
+
+    def _first_layer_hook(self, model: Any, state: Any):
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            rt: _Runtime = state.runtime
+            if rt.phase != "prefill":
+                return None
+            if rt.visual_emb is None:
+                raise MissingInputsError(
+                    f"patched {type(model).__mro__[1].__name__} ran a prefill in which its vision tower / "
+                    f"projector did not run: there were no visual tokens to prune. "
+                    f"If this came from generate(): {self._bug_hint()}")
+            hidden = _compat.layer_hidden(args, kwargs)
+            b, n = rt.visual_emb.shape[:2]
+            if hidden.shape[0] != b or hidden.shape[1] < VISUAL_START + n:
+                raise MissingInputsError(
+                    f"the LLM input [{hidden.shape[0]}, {hidden.shape[1]}] cannot hold [BOS, {n} visual "
+                    f"tokens, prompt] for a batch of {b}: the host did not insert the projected patches "
+                    f"after BOS as OpenVLA does")
+            if n % rt.n_images:
+                raise ValueError(f"{n} visual tokens cannot be split evenly over {rt.n_images} images")
+            rt.seq_len = hidden.shape[1]
+            tm = rt.text_mask
+            if isinstance(tm, torch.Tensor) and tm.dim() == 2 and tm.shape[1] + n == rt.seq_len:
+                ones = torch.ones(b, n, dtype=torch.bool, device=tm.device)
+                rt.mm_mask = torch.cat([tm[:, :1].bool(), ones, tm[:, 1:].bool()], dim=1).to(hidden.device)
+            else:
+                rt.mm_mask = None
+            return None
+        return hook
+
+    def _query_keys(self, attn: Any, layer_idx: int, args: tuple, kwargs: dict,
+                    rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        """Post-RoPE queries of ``rows`` [B, R] of this call and every key of the layer.
+
+        Keys come from the layer's KV cache (already updated by this call) when there is one, else they
+        are recomputed from the normalised input. Returns q [B, H, R, Dh], k [B, Hkv, T, Dh], scale."""
+        hidden = _compat.layer_hidden(args, kwargs)
+        n_heads, n_kv, head_dim, scale = _compat.attention_geometry(attn)
+        b, length, _ = hidden.shape
+        cos, sin = _compat.rope_cos_sin(attn, hidden, kwargs)
+        if cos.shape[0] != b:
+            cos, sin = cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:])
+        h_rows = _gather_seq(hidden, rows, 1)
+        q = attn.q_proj(h_rows).view(b, rows.shape[1], n_heads, head_dim).transpose(1, 2)
+        q = _compat.apply_rope(q, _gather_seq(cos, rows, 1), _gather_seq(sin, rows, 1))
+        k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
+        if k is None:
+            k = attn.k_proj(hidden).view(b, length, n_kv, head_dim).transpose(1, 2)
+            k = _compat.apply_rope(k, cos, sin)
+        return q, k, scale
+
+    def _row_mask(self, kwargs: dict, rows: torch.Tensor, key_len: int, query_pos: torch.Tensor,
+                  key_real: Optional[torch.Tensor]) -> torch.Tensor:
+        """bool [B, 1, R, T]: which keys each row may attend (from the 4-D mask when the host built one,
+        else causal by position in this layer's sequence plus the padding columns)."""
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            m = mask[..., :key_len]
+            if m.shape[2] != 1:
+                m = _gather_seq(m, rows, 2)
+            return _bool_allowed(m)
+        keys = torch.arange(key_len, device=rows.device)
+        allowed = keys.view(1, 1, -1) <= query_pos.unsqueeze(-1)  # [B, R, T]
+        if key_real is not None:
+            allowed = allowed & key_real[:, None, :key_len]
+        return allowed.unsqueeze(1)
+
+    def _semantic_hook(self, model: Any, state: Any):
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            rt: _Runtime = state.runtime
+            if rt.phase != "prefill" or rt.visual_emb is None:
+                return None
+            config: VisualPruning = state.config
+            length = rt.seq_len
+            b, n = rt.visual_emb.shape[:2]
+            device = rt.visual_emb.device
+            pos = torch.arange(length, device=device)
+            real = rt.mm_mask if rt.mm_mask is not None else torch.ones(b, length, dtype=torch.bool, device=device)
+            if config.semantic == "last":
+                last = torch.where(real, pos, torch.full_like(pos, -1)).amax(dim=1)  # last real row
+                rows = last.view(b, 1)
+                weights = None
+            else:  # prefill_mean: every real row of the prefill
+                rows = pos.view(1, -1).expand(b, -1)
+                weights = real.float()
+            q, k, scale = self._query_keys(module, rt.layer - 1, args, kwargs, rows)
+            k = k[..., :length, :]
+            allowed = self._row_mask(kwargs, rows, length, rows, real)
+            scores = attention_row_scores(q, k, allowed, scale, row_weights=weights)  # [B, L]
+            rt.semantic = scores[:, VISUAL_START:VISUAL_START + n]
+            self._select(state, rt, config)
+            return None
+        return hook
+
+    def _select(self, state: Any, rt: _Runtime, config: VisualPruning) -> None:
+        emb = rt.visual_emb
+        b, n = emb.shape[:2]
+        per = n // rt.n_images
+        budgets = [config.budget(per)] * rt.n_images
+        warm = any(rt.warm)
+        m_total = sum(budgets)
+        rt.kept_visual = None
+        rt.keep_seq = None
+        if not warm and m_total < n:
+            semantic = rt.semantic
+            action = rt.history.smoothed()
+            has = rt.history.has_history()
+            if action is None:
+                action = semantic
+            else:
+                action = torch.where(has.view(-1, 1).to(action.device), action.to(semantic.device), semantic)
+            picks = []
+            for i, m in enumerate(budgets):
+                sl = slice(i * per, (i + 1) * per)
+                if config.strategy == "dual":
+                    idx = dual_select(semantic[:, sl], action[:, sl], emb[:, sl], m)
+                else:
+                    idx = select_tokens(config.strategy, m, scores=semantic[:, sl], action_scores=action[:, sl],
+                                        embeddings=emb[:, sl], seed=config.seed + rt.control_steps)
+                picks.append(idx + i * per)
+            kept = torch.cat(picks, dim=1)  # ascending: blocks in order, each ascending
+            length = rt.seq_len
+            head = torch.arange(VISUAL_START, device=kept.device).view(1, -1).expand(b, -1)
+            tail = torch.arange(VISUAL_START + n, length, device=kept.device).view(1, -1).expand(b, -1)
+            rt.kept_visual = kept
+            rt.keep_seq = torch.cat([head, kept + VISUAL_START, tail], dim=1)
+        rt.last = {
+            "batch": b, "visual_before": n, "images": rt.n_images, "budgets": budgets,
+            "kept_visual": rt.kept_visual, "warm": list(rt.warm), "seq_len": rt.seq_len,
+            "kept_seq_len": rt.seq_len if rt.keep_seq is None else rt.keep_seq.shape[1],
+            "decode_steps": 0,
+        }
+
+    def _pruned_layer_hook(self, state: Any):
+        def hook(module: Any, args: tuple, kwargs: dict) -> Optional[Tuple[tuple, dict]]:
+            rt: _Runtime = state.runtime
+            keep = rt.keep_seq
+            if keep is None or rt.phase == "idle":
+                return None
+            length = rt.seq_len
+            hidden = _compat.layer_hidden(args, kwargs)
+            kw = dict(kwargs)
+            if rt.phase == "prefill":
+                if hidden.shape[1] == length:
+                    args, kw = _compat.with_layer_hidden(args, kw, _gather_seq(hidden, keep, 1))
+                elif hidden.shape[1] != keep.shape[1]:
+                    raise RuntimeError(f"pruned layer got {hidden.shape[1]} tokens, expected {length} or "
+                                       f"{keep.shape[1]}")
+                pid = kw.get("position_ids")
+                if isinstance(pid, torch.Tensor) and pid.shape[-1] == length:
+                    kw["position_ids"] = _gather_seq(pid.view(-1, length), keep, 1)
+                pe = kw.get("position_embeddings")
+                if isinstance(pe, (tuple, list)) and pe[0].shape[-2] == length:
+                    kw["position_embeddings"] = (_gather_seq(pe[0], keep, 1), _gather_seq(pe[1], keep, 1))
+                cp = kw.get("cache_position")
+                if isinstance(cp, torch.Tensor) and cp.dim() == 1 and cp.shape[0] == length:
+                    kw["cache_position"] = cp.index_select(0, keep[0])  # only a StaticCache reads it
+                mask = kw.get("attention_mask")
+                if isinstance(mask, torch.Tensor):
+                    if mask.dim() == 4:
+                        if mask.shape[2] == length:
+                            mask = _gather_seq(mask.expand(keep.shape[0], *mask.shape[1:]), keep, 2)
+                        if mask.shape[3] >= length:
+                            mask = _gather_seq(mask, keep, 3) if mask.shape[3] == length else \
+                                torch.cat([_gather_seq(mask[..., :length], keep, 3), mask[..., length:]], dim=3)
+                    elif mask.dim() == 2 and mask.shape[1] == length:
+                        mask = _gather_seq(mask, keep, 1)
+                    kw["attention_mask"] = mask
+                return args, kw
+            # decode: gather the mask columns of the prompt part (generated columns follow as they are)
+            mask = kw.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.shape[-1] >= length:
+                cols = mask.shape[-1]
+                b = keep.shape[0]
+                idx = torch.cat([keep, torch.arange(length, cols, device=keep.device).view(1, -1).expand(b, -1)],
+                                dim=1)
+                if mask.dim() == 4:
+                    kw["attention_mask"] = _gather_seq(mask.expand(b, *mask.shape[1:]), idx, 3)
+                elif mask.dim() == 2:
+                    kw["attention_mask"] = _gather_seq(mask, idx, 1)
+                return args, kw
+            return None
+        return hook
+
+    def _action_hook(self, state: Any, layer_idx: int):
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            rt: _Runtime = state.runtime
+            if rt.phase not in ("prefill", "decode") or not rt.active or rt.visual_emb is None:
+                return None
+            hidden = _compat.layer_hidden(args, kwargs)
+            b, q_len = hidden.shape[:2]
+            n = rt.visual_emb.shape[1]
+            pruned_here = rt.keep_seq is not None and layer_idx >= rt.layer
+            if rt.phase == "prefill":
+                # the last real prompt row, in this layer's (possibly pruned) sequence
+                real = rt.mm_mask
+                if real is not None and pruned_here:
+                    real = _gather_seq(real, rt.keep_seq, 1)
+                pos = torch.arange(q_len, device=hidden.device)
+                if real is None:
+                    rows = torch.full((b, 1), q_len - 1, dtype=torch.long, device=hidden.device)
+                else:
+                    rows = torch.where(real, pos, torch.full_like(pos, -1)).amax(dim=1).view(b, 1)
+                q, k, scale = self._query_keys(module, layer_idx, args, kwargs, rows)
+                k = k[..., :q_len, :]
+                allowed = self._row_mask(kwargs, rows, k.shape[-2], rows, real)
+            else:
+                rows = torch.full((b, 1), q_len - 1, dtype=torch.long, device=hidden.device)
+                q, k, scale = self._query_keys(module, layer_idx, args, kwargs, rows)
+                key_len = k.shape[-2]
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                    allowed = _bool_allowed(mask[:, :, -1:, :key_len])
+                else:
+                    allowed = None
+                rt.decode_steps += 1
+            probs = attention_row_scores(q, k, allowed, scale)  # [B, T]
+            m_here = rt.kept_visual.shape[1] if pruned_here else n
+            vis = probs[:, VISUAL_START:VISUAL_START + m_here]
+            if pruned_here:
+                full = torch.zeros(b, n, dtype=vis.dtype, device=vis.device)
+                full.scatter_(1, rt.kept_visual, vis)
+                vis = full
+            rt.action_sum = vis if rt.action_sum is None else rt.action_sum + vis
+            rt.action_rows += 1
+            return None
+        return hook
+
+    # ---------------------------------------------------------------------- reset / stats
+    def reset(self, model: Any, state: Any) -> None:
+        rt: _Runtime = state.runtime
+        rt.clear_step()
+        rt.history.reset()
+        rt.last = None
+
+    def stats(self, model: Any, state: Any) -> Dict[str, Any]:
+        rt: _Runtime = state.runtime
+        out: Dict[str, Any] = {
+            "layer": rt.layer, "action_layer": rt.action_layer, "depth": rt.depth,
+            "control_steps": rt.control_steps, "history": state.config.history,
+            "warmup": state.config.effective_warmup,
+        }
+        last = rt.last
+        if last is None:
+            out["per_sample"] = []
+            out["flops_skipped"] = 0
+            return out
+        kept = last["kept_visual"]
+        n = last["visual_before"]
+        per_sample = []
+        for b in range(last["batch"]):
+            idx = list(range(n)) if kept is None else kept[b].tolist()
+            per_sample.append({
+                "visual_before": n, "visual_after": len(idx), "kept_indices": idx,
+                "warmup": bool(last["warm"][b]) if b < len(last["warm"]) else False,
+                "pruned": kept is not None, "layer": rt.layer,
+            })
+        out["per_sample"] = per_sample
+        out["images"] = last["images"]
+        out["budgets"] = last["budgets"]
+        out["decode_steps"] = rt.decode_steps
+        out["flops_skipped"] = self._flops_skipped(model, rt, last)
+        return out
+
+    def _flops_skipped(self, model: Any, rt: _Runtime, last: Dict[str, Any]) -> int:
+        """Estimate of the multiply-adds x2 the last control step skipped in layers K.. (all rows):
+        linear layers 2 * params * removed tokens, attention 4 * H * Dh * (causal key-query pairs removed,
+        prefill and each decode step)."""
+        if last["kept_visual"] is None:
+            return 0
+        layers = _decoder_layers(model)
+        removed = last["seq_len"] - last["kept_seq_len"]
+        total = 0
+        for i in range(rt.layer, rt.depth):
+            layer = layers[i]
+            params = sum(mod.weight.numel() for mod in layer.modules()
+                         if isinstance(mod, torch.nn.Linear))
+            n_heads, _, head_dim, _ = _compat.attention_geometry(layer.self_attn)
+            length, kept = last["seq_len"], last["kept_seq_len"]
+            pairs = length * (length + 1) // 2 - kept * (kept + 1) // 2 + removed * rt.decode_steps
+            total += 2 * params * removed + 4 * n_heads * head_dim * pairs
+        return int(total * last["batch"])

@@ -1,0 +1,521 @@
+"""OpenVLA integration: dual-level temporal-aware pruning on OpenVLA-structured policies.
+
+Runs on transformers 5.x and on transformers 4.40.1 + timm 0.9.16 (``.ci/compat_venv.sh``). Hosts: a tiny
+random-weight model with OpenVLA's class name and call behaviour (``_openvla_tiny``) and the testbed
+policy class (``vprune.testbed.policy.TestbedVLAPolicy``, random weights here; the trained one if shipped).
+"""
+import numpy as np
+import pytest
+import torch
+
+import _openvla_tiny as T
+import vprune
+from vprune.errors import AlreadyPatchedError, IncompatibleModelError, MissingInputsError
+from vprune.integrations import _compat
+from vprune.integrations.openvla import OpenVLAIntegration, default_layer, reset_rows
+from vprune.integrations.registry import find_integration
+
+torch.set_grad_enabled(False)
+NEW_TRANSFORMERS = _compat.transformers_version() >= (4, 50)
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _testbed(seed=0, fused=False):
+    from vprune.testbed.policy import TestbedVLAConfig, TestbedVLAPolicy, default_text_config
+
+    torch.manual_seed(seed)
+    text = default_text_config()
+    text.num_hidden_layers = 4
+    cfg = TestbedVLAConfig(image_size=32, patch_size=8, vision_dim=32, vision_depth=2, vision_heads=2,
+                           use_fused_vision_backbone=fused, text_config=text)
+    model = TestbedVLAPolicy(cfg).eval()
+    for p in model.parameters():  # random weights with some spread, so attention is not uniform
+        p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _host(kind, seed=0, fused=False, attn="sdpa"):
+    if kind == "tiny":
+        return T.build(seed=seed, fused=fused, attn=attn)
+    model = _testbed(seed, fused)
+    if attn != "sdpa":
+        model.language_model.config._attn_implementation = attn
+        if not NEW_TRANSFORMERS:  # 4.40 picks the attention class at construction
+            pytest.skip("attention implementation switch needs transformers >= 4.50")
+    return model
+
+
+def _act(model, ids, pix, **kw):
+    if hasattr(model, "get_action_dim"):  # testbed: predict_action(input_ids, pixel_values=...)
+        return np.asarray(model.predict_action(ids, pixel_values=pix, **kw))
+    return np.asarray(model.predict_action(ids, pixel_values=pix, **kw))
+
+
+def _cache_of(out):
+    for name in ("cache", "past_key_values"):
+        c = getattr(out, name, None)
+        if c is not None:
+            return c
+    return None
+
+
+def _greedy(model, ids, pix, steps, mask=None):
+    """Prefill + ``steps`` cached decode forwards; returns (logits of each call's last row, tokens)."""
+    out = model(input_ids=ids, pixel_values=pix, attention_mask=mask, use_cache=True)
+    logits, toks = [out.logits[:, -1].clone()], []
+    cache = _cache_of(out)
+    for _ in range(steps):
+        tok = logits[-1].argmax(-1, keepdim=True)
+        toks.append(tok)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        kw = {"attention_mask": mask} if mask is not None and not isinstance(model, T.OpenVLAForActionPrediction) else {}
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True, **kw)
+        logits.append(out.logits[:, -1].clone())
+        cache = _cache_of(out)
+    return logits, toks
+
+
+def _layers(model):
+    return model.language_model.model.layers
+
+
+def _runtime(model):
+    return model.__dict__["_vprune"].runtime
+
+
+def _no_hooks(module):
+    for m in module.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------- matching / config
+def test_registry_matches_by_class_name_and_structure():
+    m = T.build()
+    assert isinstance(find_integration(m), OpenVLAIntegration)
+    pytest.importorskip("vprune.testbed.policy")
+    assert isinstance(find_integration(_testbed()), OpenVLAIntegration)
+
+
+def test_default_config_for_vlas():
+    m = T.build(n_layers=4)
+    vprune.patch(m)
+    cfg = m._vprune.config
+    assert cfg.strategy == "dual" and cfg.layer == 1 and cfg.action_layer == 1 and cfg.keep == 0.25
+    vprune.unpatch(m)
+    assert [default_layer(d) for d in (2, 4, 6, 8, 12, 32)] == [1, 1, 1, 2, 3, 3]
+
+
+def test_missing_structure_raises_and_leaves_model_unchanged():
+    m = T.build()
+    del m.projector
+    with pytest.raises(IncompatibleModelError, match="projector"):
+        vprune.patch(m)
+    assert type(m) is T.OpenVLAForActionPrediction and not vprune.is_patched(m) and _no_hooks(m)
+
+
+def test_fused_backbone_without_fused_featurizer_is_rejected():
+    m = T.build(fused=True)
+    del m.vision_backbone.fused_featurizer
+    with pytest.raises(IncompatibleModelError, match="fused_featurizer"):
+        vprune.patch(m)
+
+
+@pytest.mark.parametrize("field,value", [("layer", 4), ("action_layer", 9)])
+def test_out_of_range_layers_raise_before_any_change(field, value):
+    m = T.build(n_layers=4)
+    with pytest.raises(ValueError, match=field):
+        vprune.patch(m, vprune.VisualPruning(**{field: value}))
+    assert type(m) is T.OpenVLAForActionPrediction and _no_hooks(m)
+
+
+def test_patch_twice_and_unpatch_errors():
+    m = T.build()
+    vprune.patch(m, keep=0.5)
+    vprune.patch(m, keep=0.5)  # equal config: no-op
+    with pytest.raises(AlreadyPatchedError):
+        vprune.patch(m, keep=0.25)
+    vprune.unpatch(m)
+    with pytest.raises(vprune.errors.NotPatchedError):
+        vprune.unpatch(m)
+
+
+# ----------------------------------------------------------------------- bit-exact invariants
+@pytest.mark.parametrize("kind", ["tiny", "testbed"])
+def test_keep_all_is_bit_identical_and_unpatch_restores(kind):
+    m = _host(kind)
+    ids, pix = T.inputs(seed=1)
+    want_logits, _ = _greedy(m, ids, pix, 3)
+    want = _act(m, ids, pix)
+    vprune.patch(m, vprune.VisualPruning(keep=1.0, warmup=0))
+    for _ in range(2):  # pruning path active (no warm-up), nothing dropped
+        assert np.array_equal(_act(m, ids, pix), want)
+    got_logits, _ = _greedy(m, ids, pix, 3)
+    assert all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
+    st = vprune.stats(m)
+    assert st["per_sample"][0]["visual_after"] == st["per_sample"][0]["visual_before"]
+    vprune.unpatch(m)
+    assert type(m).__name__ == type(m).__mro__[0].__name__ and not type(m).__name__.startswith("VPrune")
+    assert _no_hooks(m) and "_vprune" not in m.__dict__
+    # after unpatch: original behaviour, with pruning having happened in between
+    vprune.patch(m, keep=0.25, warmup=0)
+    _act(m, ids, pix)
+    vprune.unpatch(m)
+    assert np.array_equal(_act(m, ids, pix), want)
+    got_logits, _ = _greedy(m, ids, pix, 3)
+    assert all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
+
+
+# --------------------------------------------------------------------------- pruning itself
+@pytest.mark.parametrize("kind", ["tiny", "testbed"])
+def test_layers_from_k_receive_m_visual_tokens_and_stats_agree(kind):
+    m = _host(kind)
+    ids, pix = T.inputs(seed=2)
+    vprune.patch(m, vprune.VisualPruning(keep=0.25, warmup=0))
+    k = m._vprune.config.layer
+    seen = {}
+
+    def counter(i):
+        def hook(mod, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            seen.setdefault(i, []).append(h.shape[1])
+        return hook
+
+    handles = [layer.register_forward_pre_hook(counter(i), with_kwargs=True) for i, layer in enumerate(_layers(m))]
+    try:
+        _, toks = _greedy(m, ids, pix, 2)
+    finally:
+        for h in handles:
+            h.remove()
+    n = m.config.num_patches if hasattr(m.config, "num_patches") else 16
+    length = ids.shape[1] + n
+    mk = n // 4
+    st = vprune.stats(m)
+    for i, lens in seen.items():
+        prefill = lens[0]
+        assert prefill == (length if i < k else length - n + mk), (i, lens)
+        assert lens[1:] == [1, 1]
+    s = st["per_sample"][0]
+    assert s["visual_before"] == n and s["visual_after"] == mk and not s["warmup"] and s["pruned"]
+    assert s["kept_indices"] == sorted(set(s["kept_indices"])) and all(0 <= j < n for j in s["kept_indices"])
+    assert st["layer"] == k and st["flops_skipped"] > 0
+    vprune.unpatch(m)
+
+
+def _masked_reference(model, k, blocked, ids, pix, toks):
+    """Unpatched model, pruned visual columns hidden as keys in layers >= k: the logits pruning must give."""
+    def hook(mod, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        q_len = h.shape[1]
+        cols = blocked.shape[1] + (0 if q_len > 1 else len(state["seen"]))
+        keys = torch.zeros(h.shape[0], cols, dtype=torch.bool)
+        keys[:, : blocked.shape[1]] = blocked
+        neg = torch.finfo(h.dtype).min
+        if q_len > 1:
+            causal = torch.ones(q_len, cols, dtype=torch.bool).triu(1)
+            bad = causal.unsqueeze(0) | keys.unsqueeze(1)
+        else:
+            bad = keys.unsqueeze(1)
+        kw = dict(kwargs)
+        kw["attention_mask"] = torch.zeros(bad.shape, dtype=h.dtype).masked_fill(bad, neg).unsqueeze(1)
+        return args, kw
+
+    state = {"seen": []}
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in _layers(model)[k:]]
+    try:
+        out = model(input_ids=ids, pixel_values=pix, use_cache=True)
+        logits = [out.logits[:, -1]]
+        cache = _cache_of(out)
+        for tok in toks:
+            state["seen"].append(tok)
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+            cache = _cache_of(out)
+    finally:
+        for h in handles:
+            h.remove()
+    return logits
+
+
+@pytest.mark.parametrize("kind", ["tiny", "testbed"])
+@pytest.mark.parametrize("keep", [0.25, 0.5])
+def test_pruned_logits_match_masked_reference(kind, keep):
+    m = _host(kind)
+    ids, pix = T.inputs(seed=3)
+    vprune.patch(m, vprune.VisualPruning(keep=keep, warmup=0))
+    got, toks = _greedy(m, ids, pix, 3)
+    st = vprune.stats(m)
+    k = st["layer"]
+    vprune.unpatch(m)
+    n = st["per_sample"][0]["visual_before"]
+    blocked = torch.zeros(1, ids.shape[1] + n, dtype=torch.bool)
+    pruned = sorted(set(range(n)) - set(st["per_sample"][0]["kept_indices"]))
+    blocked[0, [1 + j for j in pruned]] = True
+    want = _masked_reference(m, k, blocked, ids, pix, toks)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_scores_match_eager_attention_weights():
+    """Semantic score = last prompt row at layer K-1; action rows at the action layer, 0 for pruned
+    tokens: both equal the eager attention probabilities of the same rows."""
+    m = T.build(attn="eager", n_layers=4)
+    ids, pix = T.inputs(seed=4)
+    vprune.patch(m, vprune.VisualPruning(keep=0.5, layer=1, action_layer=2, warmup=0))
+    _, toks = _greedy(m, ids, pix, 2)
+    rt = _runtime(m)
+    sem, act = rt.semantic.clone(), (rt.action_sum / rt.action_rows).clone()
+    kept = rt.kept_visual[0].tolist()
+    assert rt.action_rows == 3  # the last prompt row + 2 decode steps
+    vprune.unpatch(m)
+    n = sem.shape[1]
+    patches = m.projector(m.vision_backbone(pix))
+    emb = m.get_input_embeddings()(torch.cat([ids] + toks, dim=1))
+    mm = torch.cat([emb[:, :1], patches, emb[:, 1:]], dim=1)
+    length = ids.shape[1] + n
+    # layer K-1 = 0 is unpruned: plain eager attention
+    out = m.language_model(inputs_embeds=mm[:, :length], output_attentions=True)
+    torch.testing.assert_close(sem, out.attentions[0][:, :, -1, 1:1 + n].mean(1), atol=1e-6, rtol=1e-5)
+    # action layer 2 >= K: pruned visual columns hidden as keys from layer 1 on
+    pruned = [1 + j for j in range(n) if j not in kept]
+    bad = torch.ones(mm.shape[1], mm.shape[1], dtype=torch.bool).triu(1)
+    full = torch.zeros_like(bad)
+    bad_pruned = bad.clone()
+    bad_pruned[:, pruned] = True
+    masks = {}
+
+    def hook(mod, args, kwargs):
+        kw = dict(kwargs)
+        kw["attention_mask"] = torch.zeros(bad.shape).masked_fill(masks["m"], torch.finfo(torch.float32).min)[None, None]
+        return args, kw
+
+    handles = []
+    for i, layer in enumerate(_layers(m)):
+        handles.append(layer.register_forward_pre_hook(
+            (lambda mm_: (lambda mod, a, kw: (masks.__setitem__("m", mm_), hook(mod, a, kw))[1]))(
+                bad if i < 1 else bad_pruned), with_kwargs=True))
+    try:
+        out = m.language_model(inputs_embeds=mm, output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = out.attentions[2][0, :, length - 1:length + 2, 1:1 + n].mean(0)  # [3, N]
+    want = rows.mean(0, keepdim=True)
+    assert torch.all(want[0, [j for j in range(n) if j not in kept]] == 0)
+    torch.testing.assert_close(act, want, atol=1e-6, rtol=1e-5)
+    del full
+
+
+def test_prefill_mean_semantic_variant_runs_and_prunes():
+    m = T.build()
+    ids, pix = T.inputs(seed=5)
+    vprune.patch(m, vprune.VisualPruning(keep=0.25, semantic="prefill_mean", warmup=0))
+    _act(m, ids, pix)
+    assert vprune.stats(m)["per_sample"][0]["visual_after"] == 4
+    vprune.unpatch(m)
+
+
+@pytest.mark.parametrize("strategy", ["fastv", "semantic", "action", "divprune", "random"])
+def test_other_strategies_keep_exactly_m(strategy):
+    m = T.build()
+    ids, pix = T.inputs(seed=6)
+    vprune.patch(m, vprune.VisualPruning(keep=5, strategy=strategy, warmup=0))
+    _act(m, ids, pix)
+    _act(m, ids, pix)
+    s = vprune.stats(m)["per_sample"][0]
+    assert s["visual_after"] == 5 and len(set(s["kept_indices"])) == 5
+    vprune.unpatch(m)
+
+
+# --------------------------------------------------------------------------- temporal flow
+def test_warmup_steps_are_unpruned_but_record_history():
+    m = T.build()
+    ids, pix = T.inputs(seed=7)
+    vprune.patch(m, keep=0.25)  # history 3, warm-up 3
+    rt = _runtime(m)
+    flags = []
+    for step in range(5):
+        _act(m, ids, pix)
+        s = vprune.stats(m)["per_sample"][0]
+        flags.append((s["warmup"], s["visual_after"]))
+        # the history holds every completed control step, warm-up ones included
+        filled = 0 if rt.history.filled is None else int(rt.history.filled[0])
+        assert filled == min(step, 3)
+    assert flags == [(True, 16)] * 3 + [(False, 4)] * 2
+    vprune.reset(m)
+    _act(m, ids, pix)
+    assert vprune.stats(m)["per_sample"][0]["warmup"] is True
+    assert rt.history.filled is None or int(rt.history.filled[0]) == 0
+    vprune.unpatch(m)
+
+
+def test_action_history_steers_selection():
+    """After warm-up the action score comes from the history: with semantic scores fixed, changing the
+    recorded history changes which tokens are kept (the union differs)."""
+    m = T.build()
+    ids, pix = T.inputs(seed=8)
+    vprune.patch(m, vprune.VisualPruning(keep=4, warmup=0, history=1))
+    rt = _runtime(m)
+    n = 16
+    picks = []
+    for hot in ([0, 1, 2, 3], [12, 13, 14, 15]):
+        rt.history.reset()
+        fake = torch.zeros(1, n)
+        fake[0, hot] = 1.0
+        rt.history.record(fake)
+        rt.active = False  # nothing pending to commit
+        _greedy(m, ids, pix, 0)
+        picks.append(vprune.stats(m)["per_sample"][0]["kept_indices"])
+    assert picks[0] != picks[1]
+    vprune.unpatch(m)
+
+
+class PolicyWithReset(T.OpenVLAForActionPrediction):
+    """A host whose class has its own reset() (matched through the MRO)."""
+
+    def reset(self):
+        self.__dict__["host_resets"] = self.__dict__.get("host_resets", 0) + 1
+        return "host"
+
+
+def test_policy_own_reset_also_clears_history_and_is_restored_by_unpatch():
+    torch.manual_seed(0)
+    m = PolicyWithReset(T.build().config).eval()
+    ids, pix = T.inputs(seed=9)
+    vprune.patch(m, keep=0.25, warmup=1)
+    _act(m, ids, pix)
+    _act(m, ids, pix)
+    assert vprune.stats(m)["per_sample"][0]["warmup"] is False
+    assert m.reset() == "host" and m.host_resets == 1
+    _act(m, ids, pix)
+    assert vprune.stats(m)["per_sample"][0]["warmup"] is True  # new episode
+    vprune.unpatch(m)
+    assert type(m) is PolicyWithReset and m.reset() == "host" and m.host_resets == 2
+
+
+@pytest.mark.parametrize("kind", ["tiny", "testbed"])
+def test_batch_rows_are_separate_environments(kind):
+    m = _host(kind)
+    ids, pix = T.inputs(seed=10, batch=2)
+    single = []
+    vprune.patch(m, vprune.VisualPruning(keep=0.25, warmup=1, history=2))
+    for b in range(2):
+        vprune.reset(m)
+        for _ in range(3):
+            _greedy(m, ids[b:b + 1], pix[b:b + 1], 2)
+        single.append(vprune.stats(m)["per_sample"][0]["kept_indices"])
+    vprune.reset(m)
+    for _ in range(3):
+        _greedy(m, ids, pix, 2)
+    st = vprune.stats(m)["per_sample"]
+    assert [s["kept_indices"] for s in st] == single  # each row equals its own single-row run
+    hist = _runtime(m).history
+    assert hist.smoothed().shape[0] == 2 and not torch.equal(hist.smoothed()[0], hist.smoothed()[1])
+    # a new episode in row 1 only: its warm-up restarts (the batch runs unpruned this step), row 0 keeps history
+    reset_rows(m, [1])
+    assert hist.has_history().tolist() == [True, False]
+    _greedy(m, ids, pix, 2)
+    st = vprune.stats(m)["per_sample"]
+    assert [s["warmup"] for s in st] == [False, True] and st[0]["visual_after"] == 16
+    _greedy(m, ids, pix, 2)
+    assert [s["visual_after"] for s in vprune.stats(m)["per_sample"]] == [4, 4]
+    vprune.unpatch(m)
+
+
+# ------------------------------------------------------------------------- cameras / backbones
+@pytest.mark.parametrize("fused", [False, True])
+def test_per_camera_budgets_with_two_images(fused):
+    m = T.build(fused=fused)
+    ids, pix = T.inputs(seed=11, fused=fused, images=2)
+    vprune.patch(m, vprune.VisualPruning(keep=0.25, warmup=0))
+    _greedy(m, ids, pix, 1)
+    st = vprune.stats(m)
+    s = st["per_sample"][0]
+    assert st["images"] == 2 and st["budgets"] == [4, 4] and s["visual_before"] == 32
+    idx = s["kept_indices"]
+    assert len([j for j in idx if j < 16]) == 4 and len([j for j in idx if j >= 16]) == 4
+    vprune.unpatch(m)
+
+
+def test_fused_backbone_single_image_prunes_and_keep_all_is_exact():
+    m = T.build(fused=True)
+    ids, pix = T.inputs(seed=12, fused=True)
+    want = _act(m, ids, pix)
+    with vprune.patched(m, vprune.VisualPruning(keep=1.0, warmup=0)):
+        assert np.array_equal(_act(m, ids, pix), want)
+    with vprune.patched(m, vprune.VisualPruning(keep=0.25, warmup=0)):
+        _act(m, ids, pix)
+        assert vprune.stats(m)["per_sample"][0]["visual_after"] == 4
+
+
+def test_bad_channel_count_raises():
+    m = T.build(fused=True)
+    ids, pix = T.inputs(seed=13)  # 3 channels for a fused (3 + 3) backbone
+    vprune.patch(m, keep=0.25)
+    with pytest.raises(ValueError, match="multiple of 6"):
+        m(input_ids=ids, pixel_values=pix)
+    vprune.unpatch(m)
+
+
+# -------------------------------------------------------------------- the vision tower must run
+def test_prefill_without_pixels_raises():
+    m = T.build()
+    ids, _ = T.inputs(seed=14)
+    vprune.patch(m, keep=0.25)
+    with pytest.raises(MissingInputsError, match="pixel_values"):
+        m(input_ids=ids, use_cache=True)
+    vprune.unpatch(m)
+
+
+def test_vision_tower_skipped_by_host_raises():
+    """A host that takes a prefill without running its projector (here: forced) is caught at layer 0."""
+    m = T.build()
+    ids, pix = T.inputs(seed=15)
+    vprune.patch(m, keep=0.25)
+    with pytest.raises(MissingInputsError, match="vision tower"):
+        # pixel_values given, but the LLM is called directly with text only (the projector never runs)
+        m._vprune.integration._begin_call(m, m._vprune, T.OpenVLAForActionPrediction, (),
+                                          {"input_ids": ids, "pixel_values": pix})
+        m.language_model(input_ids=ids)
+    m._vprune.runtime.phase = "idle"
+    vprune.unpatch(m)
+
+
+def test_remote_code_generate_on_new_transformers_raises_naming_the_bug():
+    """OpenVLA's prepare_inputs_for_generation ('past_key_values is not None') on transformers >= 4.50
+    turns the first generate step into a 1-token decode without the image: the patched model says so.
+    On transformers 4.40.1 the same host works and prunes."""
+    m = T.build(remote_code_prepare=True)
+    ids, pix = T.inputs(seed=16)
+    vprune.patch(m, keep=0.25, warmup=0)
+    if NEW_TRANSFORMERS:
+        with pytest.raises(MissingInputsError, match="4.50"):
+            _act(m, ids, pix)
+    else:
+        _act(m, ids, pix)
+        assert vprune.stats(m)["per_sample"][0]["visual_after"] == 4
+    vprune.unpatch(m)
+
+
+# ------------------------------------------------------------------------ the trained testbed
+def test_trained_testbed_policy_if_shipped():
+    testbed = pytest.importorskip("vprune.testbed")
+    try:
+        policy = testbed.load_policy()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    proc = testbed.load_processor()
+    env = testbed.PickEnv()
+    obs = env.reset(seed=0)
+    inputs = proc(testbed.prompt_for(obs["instruction"]), obs["image"])
+    want = policy.predict_action(**inputs)
+    with vprune.patched(policy, vprune.VisualPruning(keep=1.0, warmup=0)):
+        assert np.array_equal(policy.predict_action(**inputs), want)
+    with vprune.patched(policy, keep=0.25):
+        for _ in range(4):
+            policy.predict_action(**inputs)
+        s = vprune.stats(policy)["per_sample"][0]
+        assert s["visual_after"] == policy.config.num_patches // 4 and not s["warmup"]
+    assert np.array_equal(policy.predict_action(**inputs), want)
