@@ -17,6 +17,8 @@ from vprune.errors import UnsupportedModelError
 _HOSTS: Dict[str, Tuple[str, str]] = {
     "LLaDAModelLM": ("vprune.integrations.llada", "LLaDAIntegration"),
     "LlavaForConditionalGeneration": ("vprune.integrations.llava", "LlavaIntegration"),
+    "OpenVLAForActionPrediction": ("vprune.integrations.openvla", "OpenVLAIntegration"),
+    "TestbedVLAPolicy": ("vprune.integrations.openvla", "OpenVLAIntegration"),
     "Qwen2VLForConditionalGeneration": ("vprune.integrations.qwen2_vl", "Qwen2VLIntegration"),
     "Qwen2_5_VLForConditionalGeneration": ("vprune.integrations.qwen2_vl", "Qwen2VLIntegration"),
 }
