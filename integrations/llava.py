@@ -26,6 +26,17 @@ def _path_get(obj: Any, path: str) -> Any:
     return obj
 
 
+def _has_encoder_outputs(inputs: Dict[str, Any]) -> bool:
+    """transformers 5.2x can pass precomputed vision outputs (``mm_encoder_outputs``, a dict that
+    ``generate`` may hand over empty)."""
+    enc = inputs.get("mm_encoder_outputs")
+    if enc is None:
+        return False
+    if isinstance(enc, dict):
+        return any(v is not None for v in enc.values())
+    return True
+
+
 class VLMIntegration(Integration):
     """Shared by the transformers VLM integrations: a text model under ``model.model.language_model``."""
 
@@ -150,7 +161,7 @@ class VLMIntegration(Integration):
         return input_ids == model.config.image_token_id
 
     def has_visual_inputs(self, inputs: Dict[str, Any]) -> bool:
-        return inputs.get("pixel_values") is not None or inputs.get("mm_encoder_outputs") is not None
+        return inputs.get("pixel_values") is not None or _has_encoder_outputs(inputs)
 
     def split_size(self, model: Any, inputs: Dict[str, Any], n_visual: int) -> Optional[int]:
         return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
-from .llava import VLMIntegration
+from .llava import VLMIntegration, _has_encoder_outputs
 
 
 class Qwen2VLIntegration(VLMIntegration):
@@ -28,7 +28,8 @@ class Qwen2VLIntegration(VLMIntegration):
         return vis
 
     def has_visual_inputs(self, inputs: Dict[str, Any]) -> bool:
-        return any(inputs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
+        return (inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
+                or _has_encoder_outputs(inputs))
 
     def target_tokens(self, model: Any) -> List[str]:
         out = [f"image tokens (id {model.config.image_token_id})"]
