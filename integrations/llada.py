@@ -197,7 +197,7 @@ def diffusion_generate(model: Any, input_ids: torch.Tensor, attention_mask: Opti
     engine = LLaDAEngine(model)
     mid = mask_id_of(model) if mask_id is None else mask_id
     if config is None:
-        for key in ("cuda_graph", "key_bucket", "trace"):
+        for key in ("cuda_graph", "key_bucket", "trace", "workspace"):
             kwargs.pop(key, None)
         return W.generate_vanilla(engine, input_ids, attention_mask, mask_id=mid, **kwargs)
     return W.generate_window(engine, input_ids, attention_mask, mask_id=mid, config=config, **kwargs)
@@ -226,6 +226,7 @@ class LLaDAIntegration(Integration):
 
     def reset(self, model: Any, state: Any) -> None:
         state.last = None
+        state.runtime.clear()  # drop the cached K/V buffers and CUDA graphs
 
     def stats(self, model: Any, state: Any) -> Dict[str, Any]:
         return dict(state.last or {})
@@ -237,6 +238,8 @@ class LLaDAIntegration(Integration):
         mask_id=None, generator=None, window=True)`` -> [B, P + gen_length]."""
         st: Dict[str, Any] = kwargs.pop("stats", None)
         st = {} if st is None else st
+        if window:
+            kwargs.setdefault("workspace", state.runtime)  # K/V cache and CUDA graphs reused across calls
         out = diffusion_generate(model, input_ids, attention_mask, config=state.config if window else None,
                                  stats=st, **kwargs)
         state.calls += 1

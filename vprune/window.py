@@ -339,12 +339,15 @@ def generate_window(engine: DiffusionEngine, input_ids: torch.Tensor, attention_
                     remasking: str = "low_confidence", threshold: Optional[float] = None,
                     cuda_graph: Optional[bool] = None, key_bucket: int = 128,
                     generator: Optional[torch.Generator] = None, stats: Optional[Dict[str, Any]] = None,
-                    trace: Optional[List[Dict[str, Any]]] = None) -> torch.Tensor:
+                    trace: Optional[List[Dict[str, Any]]] = None,
+                    workspace: Optional[Dict[Any, Any]] = None) -> torch.Tensor:
     """The Window-Diffusion sampler (see the module docstring); same arguments and output as
     ``generate_vanilla`` plus ``config`` (active / window / refresh; its ``threshold`` and
     ``cuda_graph`` are used where the arguments are None). ``key_bucket``: with CUDA graphs the key
     length is rounded up to a multiple of it (one graph per length). ``trace``: if a list, one dict
-    per step is appended (kind, query positions, key length) for tests."""
+    per step is appended (kind, query positions, key length) for tests. ``workspace``: a dict in
+    which the K/V cache and the captured CUDA graphs are kept and reused by later calls of the same
+    shapes (without it, every call allocates and captures afresh)."""
     if not isinstance(config, WindowDiffusion):
         raise TypeError(f"config must be a WindowDiffusion, got {type(config).__name__}")
     if threshold is None:
@@ -363,9 +366,17 @@ def generate_window(engine: DiffusionEngine, input_ids: torch.Tensor, attention_
     # query slots of a cheap step: active (+ their left neighbours when logits are shifted) and
     # the tokens decoded since the refresh
     q_cap = min(W + A * sh, A * (1 + sh) + (R - 1) * kstep) if threshold is None else W + A * sh
-    cache = WindowKVCache(engine.n_layers, b, engine.n_kv_heads, n, engine.head_dim,
-                          engine.dtype, dev)  # type: ignore[attr-defined]
-    graphed = _GraphedWindowStep(engine, cache, b, q_cap, dev) if use_graph else None
+    wkey = ("window", b, n, q_cap, use_graph, engine.n_layers, engine.n_kv_heads, engine.head_dim,
+            engine.dtype, str(dev))  # type: ignore[attr-defined]
+    if workspace is not None and wkey in workspace:
+        cache, graphed = workspace[wkey]  # graphed keeps the engine its graphs were captured with
+    else:
+        cache = WindowKVCache(engine.n_layers, b, engine.n_kv_heads, n, engine.head_dim,
+                              engine.dtype, dev)  # type: ignore[attr-defined]
+        graphed = _GraphedWindowStep(engine, cache, b, q_cap, dev) if use_graph else None
+        if workspace is not None:
+            workspace.clear()  # one shape at a time: drop older caches and graphs
+            workspace[wkey] = (cache, graphed)
     pos_row = torch.arange(n, device=dev).expand(b, -1)
 
     n_steps = refreshes = cheap = tokens = 0
