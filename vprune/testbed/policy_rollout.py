@@ -24,7 +24,9 @@ def rollout(policy: Any, processor: Any, seeds: Sequence[int], batch: int = 1,
             env_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run one episode per seed; returns success_rate, per-episode results and step timings.
 
-    on_step(info): called after each policy step with {"episode_rows", "step", "latency_s"}.
+    on_step(info): called after each policy step with {"episode_index" (index in ``seeds`` of the
+        batch's first episode), "episode_rows", "step", "latency_s", "images" (the frames the policy
+        saw), "instructions"}.
     on_episode(result): called when an episode ends ({"seed", "success", "steps"}).
     Returned "step_latency_s": wall time of each ``predict_action`` call (a batched call counts once).
     """
@@ -44,8 +46,9 @@ def rollout(policy: Any, processor: Any, seeds: Sequence[int], batch: int = 1,
         done = [False] * len(chunk)
         step = 0
         while not all(done):
+            images = [o["image"] for o in obs]
             inputs = processor(prompts if len(chunk) > 1 else prompts[0],
-                               [o["image"] for o in obs] if len(chunk) > 1 else obs[0]["image"])
+                               images if len(chunk) > 1 else images[0])
             t0 = time.perf_counter()
             with torch.inference_mode():
                 actions = policy.predict_action(**inputs, do_sample=False)
@@ -63,7 +66,9 @@ def rollout(policy: Any, processor: Any, seeds: Sequence[int], batch: int = 1,
                         on_episode(res)
             step += 1
             if on_step is not None:
-                on_step({"episode_rows": len(chunk), "step": step, "latency_s": latencies[-1]})
+                on_step({"episode_index": start, "episode_rows": len(chunk), "step": step,
+                         "latency_s": latencies[-1], "images": images,
+                         "instructions": [o["instruction"] for o in obs]})
     results.sort(key=lambda r: seeds.index(r["seed"]))
     return {
         "success_rate": float(np.mean([r["success"] for r in results])) if results else 0.0,

@@ -1,0 +1,219 @@
+"""Success rate of the testbed robot policy over keep ratios x selection strategies (seeded).
+
+Runs the shipped OpenVLA-structured testbed policy (``vprune.testbed``) in its closed-loop 2D pick
+task: the same seeded episodes unpruned and for every (strategy, keep) pair, through
+``vprune.patch(policy, keep=..., strategy=...)``. Prints a table of success rates (and the share of
+the unpruned rate kept), writes a plot (PNG) and checks the targets:
+
+- dual at 25% keeps >= 95% of the unpruned success rate;
+- dual beats fastv at 12.5%;
+- per-step pruning overhead (scoring + selection + diversity, timed inside the integration's
+  scoring hooks) < 5% of the pruned step time (batch 1, CPU).
+
+Episodes run in lock-step batches (``--batch``; every row is its own environment with its own
+temporal history); latencies and the overhead are measured separately at batch 1.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+
+
+def _parse_list(text: str, cast: Any) -> List[Any]:
+    return [cast(t) for t in text.split(",") if t.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--episodes", type=int, default=50, help="seeded episodes per configuration (default 50)")
+    p.add_argument("--keeps", default="1.0,0.5,0.25,0.125", help="keep fractions (default 1.0,0.5,0.25,0.125)")
+    p.add_argument("--strategies", default="random,fastv,divprune,dual",
+                   help="selection strategies (default random,fastv,divprune,dual)")
+    p.add_argument("--batch", type=int, default=10, help="environments stepped together (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="first episode seed (default 0)")
+    p.add_argument("--layer", type=int, default=None, help="pruning layer K (default: the integration's)")
+    p.add_argument("--overhead-episodes", type=int, default=3,
+                   help="batch-1 episodes of dual at 25%% timed for the overhead check (0: skip)")
+    p.add_argument("--plot", default="vprune_eval_vla.png", help="where to write the plot")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@contextlib.contextmanager
+def timed_scoring_hooks(timings: Dict[str, float]) -> Iterator[bool]:
+    """While active, hooks created by ``OpenVLAIntegration`` for scoring (semantic hook, which also
+    selects, and action hook) accumulate their wall time in ``timings``; yields False if the
+    integration does not have the expected hook factories (then nothing is timed)."""
+    try:
+        from vprune.integrations.openvla import OpenVLAIntegration
+    except Exception:
+        yield False
+        return
+    names = [n for n in ("_semantic_hook", "_action_hook") if callable(getattr(OpenVLAIntegration, n, None))]
+    if not names:
+        yield False
+        return
+    originals = {n: OpenVLAIntegration.__dict__[n] for n in names}
+
+    def wrap_factory(name: str, factory: Any) -> Any:
+        def make(self: Any, *args: Any, **kwargs: Any) -> Any:
+            hook = factory(self, *args, **kwargs)
+
+            def timed(*hargs: Any, **hkwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return hook(*hargs, **hkwargs)
+                finally:
+                    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+            return timed
+        return make
+
+    try:
+        for n in names:
+            setattr(OpenVLAIntegration, n, wrap_factory(n, originals[n]))
+        yield True
+    finally:
+        for n in names:
+            setattr(OpenVLAIntegration, n, originals[n])
+
+
+def measure_overhead(policy: Any, processor: Any, seeds: List[int], layer: Optional[int]) -> Dict[str, Any]:
+    """Batch-1 dual at 25%: mean pruned-step latency and the share spent in scoring + selection."""
+    import vprune
+    from vprune.demo import run_config, Progress
+
+    timings: Dict[str, float] = {}
+    kw: Dict[str, Any] = {"keep": 0.25, "strategy": "dual"}
+    if layer is not None:
+        kw["layer"] = layer
+    with timed_scoring_hooks(timings) as ok:
+        vprune.patch(policy, **kw)
+        try:
+            res = run_config(policy, processor, seeds, Progress(len(seeds), "overhead", enabled=False))
+        finally:
+            vprune.unpatch(policy)
+    lat = np.asarray(res["step_latency_s"])
+    pruned = np.asarray([p["pruned"] for p in res["per_step"]], dtype=bool)
+    # timings cover all steps; warm-up steps also score (action history), so compare with all steps
+    total = float(lat.sum())
+    spent = float(sum(timings.values()))
+    return {
+        "measured": bool(ok),
+        "steps": int(len(lat)),
+        "pruned_steps": int(pruned.sum()),
+        "step_ms": float(lat.mean() * 1e3) if len(lat) else 0.0,
+        "pruned_step_ms": float(lat[pruned].mean() * 1e3) if pruned.any() else None,
+        "overhead_ms_per_step": spent / max(1, len(lat)) * 1e3,
+        "overhead_frac": spent / total if total > 0 and ok else None,
+        "by_hook_ms_per_step": {k: v / max(1, len(lat)) * 1e3 for k, v in timings.items()},
+    }
+
+
+def format_table(keeps: List[float], strategies: List[str], table: Dict[str, Dict[float, float]],
+                 base: float) -> str:
+    head = ["strategy"] + [f"{k * 100:g}%" for k in keeps]
+    rows = []
+    for s in strategies:
+        cells = [s]
+        for k in keeps:
+            v = table[s].get(k)
+            rel = f" ({v / base * 100:.0f}%)" if base > 0 and v is not None else ""
+            cells.append("-" if v is None else f"{v * 100:.0f}%{rel}")
+        rows.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import vprune
+    from vprune import viz
+    from vprune.demo import Progress
+    from vprune.testbed import load_policy, load_processor
+    from vprune.testbed.policy_rollout import rollout
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    keeps = sorted(_parse_list(args.keeps, float), reverse=True)
+    strategies = _parse_list(args.strategies, str)
+    policy, processor = load_policy(), load_processor()
+    seeds = list(range(args.seed, args.seed + args.episodes))
+    pruned_keeps = [k for k in keeps if k < 1.0]
+    n_runs = 1 + len(strategies) * len(pruned_keeps)
+    print(f"vprune eval vla: testbed policy, {args.episodes} seeded episodes x {n_runs} configurations "
+          f"(batch {args.batch})", flush=True)
+    progress = Progress(n_runs * len(seeds), "episodes", enabled=not args.no_progress)
+    tick = lambda r: progress.update(1)  # noqa: E731
+
+    results: Dict[str, Any] = {"episodes": args.episodes, "seed": args.seed, "configs": []}
+    base = rollout(policy, processor, seeds, batch=args.batch, on_episode=tick)
+    base_rate = base["success_rate"]
+    results["configs"].append({"strategy": None, "keep": 1.0, "success_rate": base_rate})
+    table: Dict[str, Dict[float, float]] = {s: {} for s in strategies}
+    for s in strategies:
+        if 1.0 in keeps:
+            table[s][1.0] = base_rate  # keep=1.0 is bit-identical to the unpruned policy
+    layer_used = None
+    for s in strategies:
+        for k in pruned_keeps:
+            kw: Dict[str, Any] = {"keep": k, "strategy": s}
+            if args.layer is not None:
+                kw["layer"] = args.layer
+            vprune.patch(policy, **kw)
+            try:
+                layer_used = vprune.stats(policy)["config"]["layer"]
+                res = rollout(policy, processor, seeds, batch=args.batch, on_episode=tick)
+            finally:
+                vprune.unpatch(policy)
+            table[s][k] = res["success_rate"]
+            results["configs"].append({"strategy": s, "keep": k, "success_rate": res["success_rate"],
+                                       "failed_seeds": [e["seed"] for e in res["episodes"] if not e["success"]]})
+    progress.close()
+    results["layer"] = layer_used
+    results["unpruned_success_rate"] = base_rate
+    print(f"success rate over {args.episodes} seeded episodes (share of unpruned in brackets), "
+          f"pruning from layer K={layer_used}:")
+    print(format_table(keeps, strategies, table, base_rate))
+
+    overhead = None
+    if args.overhead_episodes > 0 and "dual" in strategies:
+        overhead = measure_overhead(policy, processor, seeds[:args.overhead_episodes], args.layer)
+        results["overhead"] = overhead
+
+    checks: List[Dict[str, Any]] = []
+    if "dual" in strategies and 0.25 in table.get("dual", {}):
+        v = table["dual"][0.25]
+        checks.append({"target": "dual @25% >= 95% of unpruned success",
+                       "value": f"{v * 100:.0f}% vs {base_rate * 100:.0f}%",
+                       "ok": base_rate > 0 and v >= 0.95 * base_rate})
+    if {"dual", "fastv"} <= set(strategies) and 0.125 in table["dual"]:
+        d, f = table["dual"][0.125], table["fastv"][0.125]
+        checks.append({"target": "dual > fastv @12.5%", "value": f"{d * 100:.0f}% vs {f * 100:.0f}%", "ok": d > f})
+    if overhead is not None and overhead["overhead_frac"] is not None:
+        checks.append({"target": "pruning overhead < 5% of step time (batch 1)",
+                       "value": f"{overhead['overhead_ms_per_step']:.2f} ms of {overhead['step_ms']:.1f} ms "
+                                f"({overhead['overhead_frac'] * 100:.1f}%)",
+                       "ok": overhead["overhead_frac"] < 0.05})
+    results["checks"] = checks
+    for c in checks:
+        print(f"[{'ok' if c['ok'] else 'MISSED'}] {c['target']}: {c['value']}")
+
+    series = {s: [table[s].get(k) for k in keeps] for s in strategies}
+    viz.line_plot([f"{k * 100:g}%" for k in keeps], series, args.plot,
+                  title=f"testbed VLA: success rate vs visual tokens kept ({args.episodes} episodes, K={layer_used})",
+                  ylabel="visual tokens kept")
+    print(f"plot: {args.plot}")
+    results["seconds"] = time.perf_counter() - t0
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print(f"done in {results['seconds']:.0f} s")
+    return 0
