@@ -85,6 +85,7 @@ class LLaDAEngine:
     """The sampler's view of a LLaDA model (``vprune.window.DiffusionEngine``)."""
 
     logits_shift = 0
+    padding_aware_positions = False  # LLaDA's RoPE uses the sequence index, pads included
 
     def __init__(self, model: Any):
         self.model = model
@@ -100,7 +101,7 @@ class LLaDAEngine:
 
     # -- refresh / vanilla: the host's own forward -----------------------------------------------
     def full_forward(self, tokens: torch.Tensor, key_valid: Optional[torch.Tensor],
-                     cache: Optional[W.WindowKVCache]) -> torch.Tensor:
+                     cache: Optional[W.WindowKVCache], positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         am = None if key_valid is None else key_valid.long()
         if cache is None:
             return self.model(input_ids=tokens, attention_mask=am).logits

@@ -3,9 +3,10 @@
 Pure tensor logic; the host model is reached only through an *engine* (an integration object, see
 ``DiffusionEngine``) with two forwards:
 
-* ``full_forward(tokens [B,T], key_valid [B,T] bool or None, cache or None) -> logits [B,T,V]``:
-  the host's own forward over positions 0..T-1. With ``cache`` it also stores every layer's
-  post-RoPE K/V of those positions (``cache.store``).
+* ``full_forward(tokens [B,T], key_valid [B,T] bool or None, cache or None, positions [B,T])
+  -> logits [B,T,V]``: the host's own forward over sequence indices 0..T-1 (RoPE positions
+  ``positions``). With ``cache`` it also stores every layer's post-RoPE K/V of those indices
+  (``cache.store``).
 * ``window_forward(tokens [B,Q], rope_pos [B,Q], write_idx [B,Q], key_mask [B,K], cache)
   -> logits [B,Q,V]``: computes only the Q query tokens (at absolute positions ``rope_pos``); at
   every layer it calls ``cache.attend`` which writes their fresh K/V into the cache at
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 
 from .config import WindowDiffusion
 
-REMASKING = ("low_confidence", "random")
+REMASKING = ("low_confidence", "random", "entropy", "margin")
 
 
 class DiffusionEngine(Protocol):
@@ -60,10 +61,12 @@ class DiffusionEngine(Protocol):
     n_layers: int
     n_kv_heads: int
     head_dim: int
+    dtype: torch.dtype
     logits_shift: int  # 0: logits row p predicts position p (LLaDA); 1: row p-1 does (Dream)
+    padding_aware_positions: bool  # True: RoPE position = index - left pads (Dream); False: index (LLaDA)
 
     def full_forward(self, tokens: torch.Tensor, key_valid: Optional[torch.Tensor],
-                     cache: Optional["WindowKVCache"]) -> torch.Tensor: ...
+                     cache: Optional["WindowKVCache"], positions: torch.Tensor) -> torch.Tensor: ...
 
     def window_forward(self, tokens: torch.Tensor, rope_pos: torch.Tensor, write_idx: torch.Tensor,
                        key_mask: torch.Tensor, cache: "WindowKVCache") -> torch.Tensor: ...
@@ -154,6 +157,12 @@ def _confidence(logits: torch.Tensor, temperature: float, remasking: str,
         x0 = torch.argmax(lf, dim=-1)
     if remasking == "low_confidence":
         conf = torch.exp(lf.gather(-1, x0[..., None])[..., 0] - torch.logsumexp(lf, dim=-1))
+    elif remasking == "entropy":  # Dream's "entropy": negative entropy of the distribution
+        logp = torch.log_softmax(lf, dim=-1)
+        conf = (logp.exp() * logp).sum(-1)
+    elif remasking == "margin":  # Dream's "topk_margin": top-1 minus top-2 probability
+        top2 = torch.softmax(lf, dim=-1).topk(2, dim=-1).values
+        conf = top2[..., 0] - top2[..., 1]
     else:
         conf = torch.rand(x0.shape, device=lf.device, generator=generator)
     return x0, conf
@@ -186,6 +195,7 @@ class _Run:
     masked: torch.Tensor  # [B, L] bool, still masked
     key_valid: Optional[torch.Tensor]  # [B, L] bool, False at pads; None: no pads
     length: int
+    pos_ids: torch.Tensor  # [B, L] RoPE positions
     stats: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -273,7 +283,7 @@ def _check_args(gen_length: int, steps: Optional[int], block_length: Optional[in
 
 
 def _setup(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], gen_length: int,
-           mask_id: int) -> _Run:
+           mask_id: int, padding_aware_positions: bool = False) -> _Run:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, prompt_length], got shape {tuple(input_ids.shape)}")
     b, p = input_ids.shape
@@ -291,7 +301,11 @@ def _setup(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], gen_
             raise ValueError("attention_mask has a row without any real token")
         if not bool(am.all()):
             key_valid = torch.cat([am, torch.ones((b, gen_length), dtype=torch.bool, device=dev)], dim=1)
-    return _Run(x=x, masked=masked, key_valid=key_valid, length=p + gen_length)
+    pos = torch.arange(p + gen_length, device=dev).expand(b, -1)
+    if key_valid is not None and padding_aware_positions:
+        pads = (~key_valid[:, :p]).sum(1, keepdim=True)
+        pos = (pos - pads).clamp(min=0)
+    return _Run(x=x, masked=masked, key_valid=key_valid, length=p + gen_length, pos_ids=pos)
 
 
 @torch.no_grad()
@@ -304,7 +318,7 @@ def generate_vanilla(engine: DiffusionEngine, input_ids: torch.Tensor, attention
     """LLaDA's sampler: a full forward every step. input_ids [B,P] (left-padded, ``attention_mask``
     [B,P] 1 = real token). Returns [B, P + gen_length] (prompt then answer)."""
     bl, spb = _check_args(gen_length, steps, block_length, temperature, remasking, threshold)
-    run = _setup(input_ids, attention_mask, gen_length, mask_id)
+    run = _setup(input_ids, attention_mask, gen_length, mask_id, engine.padding_aware_positions)
     p, n, b = input_ids.shape[1], run.length, input_ids.shape[0]
     sh = engine.logits_shift
     dev = run.x.device
@@ -318,7 +332,7 @@ def generate_vanilla(engine: DiffusionEngine, input_ids: torch.Tensor, attention
                 break
             if threshold is not None and not bool(run.masked[:, bs:be].any()):
                 break
-            logits = engine.full_forward(run.x, run.key_valid, None)
+            logits = engine.full_forward(run.x, run.key_valid, None, run.pos_ids)
             rows = logits[:, bs - sh:be - sh]
             tpos = torch.arange(bs, be, device=dev).expand(b, -1)
             _decide(run, rows, tpos, run.masked[:, bs:be], None if threshold is not None else sched[i],
@@ -354,7 +368,7 @@ def generate_window(engine: DiffusionEngine, input_ids: torch.Tensor, attention_
         threshold = config.threshold
     use_graph = config.cuda_graph if cuda_graph is None else bool(cuda_graph)
     bl, spb = _check_args(gen_length, steps, block_length, temperature, remasking, threshold)
-    run = _setup(input_ids, attention_mask, gen_length, mask_id)
+    run = _setup(input_ids, attention_mask, gen_length, mask_id, engine.padding_aware_positions)
     p, n, b = input_ids.shape[1], run.length, input_ids.shape[0]
     dev = run.x.device
     if use_graph and dev.type != "cuda":
@@ -414,7 +428,8 @@ def generate_window(engine: DiffusionEngine, input_ids: torch.Tensor, attention_
                 e = int(e_b.max())
                 kv = not_far if run.key_valid is None else (not_far & run.key_valid)
                 kv_e = kv[:, :e]
-                logits = engine.full_forward(run.x[:, :e], None if bool(kv_e.all()) else kv_e, cache)
+                logits = engine.full_forward(run.x[:, :e], None if bool(kv_e.all()) else kv_e, cache,
+                                             run.pos_ids[:, :e])
                 lo, hi = bs - sh, min(be, e + sh) - sh
                 rows = logits[:, lo:hi]
                 tpos = torch.arange(lo + sh, hi + sh, device=dev).expand(b, -1)
@@ -441,14 +456,15 @@ def generate_window(engine: DiffusionEngine, input_ids: torch.Tensor, attention_
                 qsort = torch.sort(key, dim=1).values[:, :q_n]
                 valid = qsort < n
                 write_idx = torch.where(valid, qsort, torch.full_like(qsort, n))
-                rope_pos = torch.where(valid, qsort, torch.zeros_like(qsort))
-                q_tok = torch.where(valid, run.x.gather(1, rope_pos), torch.full_like(qsort, mask_id))
+                idx = torch.where(valid, qsort, torch.zeros_like(qsort))
+                rope_pos = run.pos_ids.gather(1, idx)
+                q_tok = torch.where(valid, run.x.gather(1, idx), torch.full_like(qsort, mask_id))
                 key_mask = phase_key[:, :kmax]
                 if graphed is not None:
                     logits = graphed(q_tok, rope_pos, write_idx, key_mask)
                 else:
                     logits = engine.window_forward(q_tok, rope_pos, write_idx, key_mask, cache)
-                tgt = torch.where(valid, rope_pos + sh, torch.full_like(qsort, n)).clamp(max=n)
+                tgt = torch.where(valid, idx + sh, torch.full_like(qsort, n)).clamp(max=n)
                 tgt_c = tgt.clamp(max=n - 1)
                 cand = valid & (tgt < n) & run.masked.gather(1, tgt_c) & act.gather(1, tgt_c) & in_block.gather(1, tgt_c)
                 sel = _decide(run, logits, tgt, cand, k, threshold, temperature, remasking, generator)
@@ -457,7 +473,7 @@ def generate_window(engine: DiffusionEngine, input_ids: torch.Tensor, attention_
                 cheap += 1
                 tokens += b * q_n
                 if trace is not None:
-                    trace.append(dict(kind="cheap", rows=b * q_n, kmax=kmax,
+                    trace.append(dict(kind="cheap", rows=b * q_n, kmax=kmax, active=act.nonzero().tolist(),
                                       query=[qsort[j][valid[j]].tolist() for j in range(b)]))
             n_steps += 1
             i += 1

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                 eng = LLaDAEngine(model)
                 run_ = W._setup(ids, None, gen, mask_id)
                 for i in range(vs):
-                    logits = eng.full_forward(run_.x, None, None)
+                    logits = eng.full_forward(run_.x, None, None, run_.pos_ids)
                     bs = args.prompt
                     W._decide(run_, logits[:, bs:x_len], torch.arange(bs, x_len, device=dev).expand(b, -1),
                               run_.masked[:, bs:x_len], 1, None, 0.0, "low_confidence", None)
