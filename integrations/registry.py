@@ -15,6 +15,7 @@ from vprune.errors import UnsupportedModelError
 
 # host class name -> (module, integration class). Keep sorted by integration.
 _HOSTS: Dict[str, Tuple[str, str]] = {
+    "DreamModel": ("vprune.integrations.dream", "DreamIntegration"),
     "LLaDAModelLM": ("vprune.integrations.llada", "LLaDAIntegration"),
     "LlavaForConditionalGeneration": ("vprune.integrations.llava", "LlavaIntegration"),
     "OpenVLAForActionPrediction": ("vprune.integrations.openvla", "OpenVLAIntegration"),
