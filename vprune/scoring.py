@@ -29,7 +29,8 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor
     q: [B, H, R, Dh] post-RoPE queries of the rows of interest.
     k: [B, Hkv, N, Dh] post-RoPE keys (GQA heads are repeated to H).
     mask: broadcastable to [B, H, R, N]: bool (True = may attend) or additive float (0 / -inf).
-    Returns [B, H, R, N] fp32 probabilities (rows whose keys are all masked give zeros, not NaN).
+    Returns [B, H, R, N] fp32 probabilities (rows whose keys are all masked give zeros; NaN inputs
+    give NaN, which ``vprune.selection`` rejects with a clear error).
     """
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be 4-D [B, H, R, Dh] / [B, Hkv, N, Dh], got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -42,7 +43,10 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor
         else:
             logits = logits + mask.float()
     probs = torch.softmax(logits, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)
+    # Only rows whose keys are all masked become zeros; a NaN from the inputs (fp16 overflow, NaN
+    # weights) stays NaN so that selection reports it instead of silently scoring zeros.
+    all_masked = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    return probs.masked_fill(all_masked, 0.0)
 
 
 def attention_row_scores(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor] = None,
