@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 _CTX: Dict[str, object] = {}
-_NAME = "vprune_test_masked_reference"
+_NAME = "test_masked_reference"
 
 
 def _masked_attention(module, query, key, value, attention_mask, **kwargs):
@@ -40,7 +40,7 @@ def _masked_attention(module, query, key, value, attention_mask, **kwargs):
 
 @contextlib.contextmanager
 def _text_attention(model, name: str):
-    cfg = model.config.text_config
+    cfg = model.config.get_text_config()
     old = cfg.__dict__.get("_attn_implementation_internal")
     object.__setattr__(cfg, "_attn_implementation_internal", name)
     try:
@@ -72,20 +72,25 @@ def masked_reference(model, inputs: dict, layer: int, kept_cols: torch.Tensor) -
             return model(**inputs).logits
     finally:
         _CTX.clear()
+        AttentionInterface._global_mapping.pop(_NAME, None)
+        AttentionMaskInterface._global_mapping.pop(_NAME, None)
 
 
 @torch.no_grad()
 def fastv_reference(model, inputs: dict, layer: int, groups: List[List[Sequence[int]]],
-                    budgets: List[List[int]]) -> List[List[int]]:
-    """Kept visual positions per row: top-k of layer ``layer``-1's last-row attention (eager), per image."""
-    old = model.config.text_config._attn_implementation
-    model.set_attn_implementation({"text_config": "eager"})
-    try:
+                    budgets: List[List[int]], rows: Optional[torch.Tensor] = None) -> List[List[int]]:
+    """Kept visual positions per row: top-k of layer ``layer``-1's last-row attention (eager), per image.
+
+    rows: optional bool [B, L] query rows to average instead of the last one (the ``semantic`` score).
+    """
+    with _text_attention(model, "eager"):
         out = model(**inputs, output_attentions=True)
-    finally:
-        model.set_attn_implementation({"text_config": old})
     att = out.attentions[layer - 1]  # [B, H, L, L]
-    scores = att[:, :, -1, :].float().mean(dim=1)  # [B, L]
+    if rows is None:
+        scores = att[:, :, -1, :].float().mean(dim=1)  # [B, L]: FastV's last row, head mean
+    else:  # mean over the given query rows (bool [B, L]) of the head-mean attention
+        w = rows.float()
+        scores = (att.float().mean(dim=1) * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
     kept: List[List[int]] = []
     for b, (row, ks) in enumerate(zip(groups, budgets)):
         chosen: List[int] = []

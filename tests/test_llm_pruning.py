@@ -1,0 +1,240 @@
+"""The in-LLM pruning machinery (integrations/_llm_pruning.py): helpers, scoring against eager
+attention, selection rules (ties, NaN, equal counts per row), one SDPA call per layer, and reuse on
+a plain Llama stack (the OpenVLA layout: visual tokens right after BOS)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import vprune
+from vprune.config import VisualPruning
+from vprune.integrations import _llm_pruning as lp
+from vprune.undo import UndoLog
+
+from _pruning_refs import fastv_reference, kept_columns, masked_reference
+from _tiny_models import (LLAVA_IMAGE_TOKEN, QWEN_IMAGE_TOKEN, llava_prompt, qwen_prompt, tiny_llava,
+                          tiny_qwen)
+
+TEXTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]]
+
+
+# ---------------------------------------------------------------------------------- helpers
+def test_groups_from_mask_runs_splits_and_token_changes():
+    ids = torch.tensor([[1, 9, 9, 9, 9, 2, 9, 9, 0], [9, 9, 8, 8, 3, 3, 3, 3, 3]])
+    vis = (ids == 9) | (ids == 8)
+    assert [[list(g) for g in row] for row in lp.groups_from_mask(vis)] == [[[1, 2, 3, 4], [6, 7]], [[0, 1, 2, 3]]]
+    split = lp.groups_from_mask(vis, split=2, token_ids=ids)
+    assert [[list(g) for g in row] for row in split] == [[[1, 2], [3, 4], [6, 7]], [[0, 1], [2, 3]]]
+    # a run that is not a multiple of the split is left whole
+    assert [list(g) for g in lp.groups_from_mask(vis[:1], split=3)[0]] == [[1, 2, 3, 4], [6, 7]]
+    assert [[list(g) for g in row] for row in lp.groups_from_ranges(2, [(1, 4)])] == [[[1, 2, 3]]] * 2
+
+
+def test_gather_tokens_matches_indexing_for_every_layout():
+    g = torch.Generator().manual_seed(0)
+    b, n, d = 2, 7, 4
+    idx = torch.tensor([[0, 2, 3, 6], [1, 2, 5, 6]])
+    rows = torch.arange(b).unsqueeze(1)
+    cos = torch.randn(1, n, d, generator=g)  # position_ids [1, L]: broadcast over the batch
+    assert torch.equal(lp.gather_tokens(cos, idx, -2, -3), cos.expand(b, n, d)[rows, idx])
+    mrope = torch.randn(3, b, n, d, generator=g)
+    want = torch.stack([mrope[i][rows, idx] for i in range(3)])
+    assert torch.equal(lp.gather_tokens(mrope, idx, -2, -3), want)
+    pid = torch.arange(3 * b * n).view(3, b, n)
+    assert torch.equal(lp.gather_tokens(pid, idx, -1, -2), torch.stack([pid[i][rows, idx] for i in range(3)]))
+    mask = torch.rand(b, 1, n, n, generator=g) > 0.5
+    r = lp.gather_tokens(mask, idx, 2, 0)
+    assert torch.equal(r, torch.stack([mask[i, :, idx[i]] for i in range(b)]))
+    c = lp.gather_tokens(mask, idx, 3, 0)
+    assert torch.equal(c, torch.stack([mask[i][..., idx[i]] for i in range(b)]))
+
+
+def test_padding_from_mask_reads_2d_4d_and_dicts():
+    am = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    want = am.bool()
+    assert torch.equal(lp.padding_from_mask(am, 4), want)
+    four = (torch.ones(4, 4, dtype=torch.bool).tril() & want[:, None, :]).unsqueeze(1)  # [B, 1, L, L]
+    assert torch.equal(lp.padding_from_mask(four, 4), want)
+    additive = torch.where(four, 0.0, torch.finfo(torch.float32).min)
+    assert torch.equal(lp.padding_from_mask({"full_attention": additive}, 4), want)
+    assert lp.padding_from_mask(None, 4) is None
+
+
+def _bare_pruner(keep, strategy="fastv"):
+    cfg = VisualPruning(keep=keep, layer=1, strategy=strategy)
+    text = SimpleNamespace(_attn_implementation="sdpa")
+    return lp.LLMPruner(text, [], cfg, lp.ROW_MODES[strategy])
+
+
+def test_plan_gives_each_image_its_budget_and_every_row_the_same_count():
+    pruner = _bare_pruner(keep=0.25)
+    groups = [[range(2, 18)], [range(1, 17), range(18, 26)]]  # row 0: one image; row 1: 16 + 8 tokens
+    with _no_warning():
+        plan = pruner._plan(groups, 2, 30, torch.device("cpu"), None)
+    assert plan.requested == [[4], [4, 2]]
+    assert plan.dropped == 12  # row 0 can drop 12, row 1 would drop 18: both drop 12
+    assert plan.budgets == [[4], [7, 5]]  # row 1's 6 extra tokens spread over its images
+    assert plan.keep_len == 18
+    assert plan.score_rows.tolist() == [[29], [29]]
+
+
+def test_plan_with_an_image_less_row_warns():
+    pruner = _bare_pruner(keep=0.5)
+    with pytest.warns(lp.VPruneWarning, match=r"rows \[1\] have no visual tokens"):
+        plan = pruner._plan([[range(1, 5)], []], 2, 8, torch.device("cpu"), None)
+    assert plan.dropped == 0 and plan.budgets == [[4], []]
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------------- scoring
+def _host(kind, seed):
+    if kind == "llava":
+        m = tiny_llava(seed=seed)
+        inp = llava_prompt(TEXTS, [1, 2], seed=seed)
+        vis = inp["input_ids"] == LLAVA_IMAGE_TOKEN
+        return m, inp, vis, 16
+    m = tiny_qwen("2.5", seed=seed)
+    inp = qwen_prompt(TEXTS, [[(4, 8)], [(4, 8), (4, 4)]], seed=seed)
+    return m, inp, inp["input_ids"] == QWEN_IMAGE_TOKEN, None
+
+
+@pytest.mark.parametrize("kind, seed", [("llava", 0), ("llava", 1), ("llava", 2), ("qwen", 0), ("qwen", 1)])
+def test_fastv_keep_set_equals_eager_attention_reference(kind, seed):
+    m, inp, vis, split = _host(kind, seed)
+    with vprune.patched(m, keep=0.25, layer=2):
+        with torch.no_grad():
+            m(**inp)
+        st = vprune.stats(m)
+    groups = lp.groups_from_mask(vis, split=split)
+    budgets = [[img["kept"] for img in row] for row in st["per_image"]]
+    assert fastv_reference(m, inp, 2, groups, budgets) == st["kept_indices"]
+
+
+def test_semantic_keep_set_equals_text_rows_reference():
+    m, inp, vis, split = _host("llava", 3)
+    with vprune.patched(m, keep=0.25, layer=2, strategy="semantic"):
+        with torch.no_grad():
+            m(**inp)
+        st = vprune.stats(m)
+    rows = inp["attention_mask"].bool() & ~vis
+    budgets = [[img["kept"] for img in row] for row in st["per_image"]]
+    assert fastv_reference(m, inp, 2, lp.groups_from_mask(vis, split=split), budgets, rows=rows) == st["kept_indices"]
+
+
+def test_scores_match_eager_attention_probabilities(monkeypatch):
+    m, inp, vis, _ = _host("llava", 4)
+    seen = {}
+    original = lp.LLMPruner._score
+
+    def spy(self, plan, query, key, scale):
+        seen["scores"] = original(self, plan, query, key, scale)
+        return seen["scores"]
+
+    monkeypatch.setattr(lp.LLMPruner, "_score", spy)
+    with vprune.patched(m, keep=0.25, layer=3):
+        with torch.no_grad():
+            m(**inp)
+    from _pruning_refs import _text_attention
+    with _text_attention(m, "eager"), torch.no_grad():
+        att = m(**inp, output_attentions=True).attentions[2]
+    torch.testing.assert_close(seen["scores"], att[:, :, -1].float().mean(1), atol=1e-6, rtol=0)
+
+
+def test_ties_go_to_the_lower_index():
+    """Zero queries at layer K-1 give uniform attention: every visual score ties exactly."""
+    m, inp, vis, _ = _host("llava", 5)
+    with torch.no_grad():
+        m.model.language_model.layers[1].self_attn.q_proj.weight.zero_()
+        m.model.language_model.layers[1].self_attn.q_proj.bias = None
+    with vprune.patched(m, keep=3, layer=2):
+        with torch.no_grad():
+            m(**inp)
+        st = vprune.stats(m)
+    for b, kept in enumerate(st["kept_indices"]):
+        pos = torch.nonzero(vis[b]).flatten().tolist()
+        images = [pos[i:i + 16] for i in range(0, len(pos), 16)]
+        budgets = [img["kept"] for img in st["per_image"][b]]
+        assert kept == sorted(p for img, k in zip(images, budgets) for p in img[:k])
+
+
+def test_nan_scores_raise_a_clear_error():
+    m, inp, _, _ = _host("llava", 6)
+    with torch.no_grad():
+        m.model.language_model.layers[1].self_attn.q_proj.weight.fill_(float("nan"))
+    with vprune.patched(m, keep=0.25, layer=2):
+        with pytest.raises(ValueError, match="NaN"):
+            with torch.no_grad():
+                m(**inp)
+
+
+def test_each_text_layer_makes_exactly_one_sdpa_call(monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa_mod
+
+    m, inp, _, _ = _host("llava", 0)
+    calls = []
+    real = sdpa_mod.sdpa_attention_forward
+
+    def counting(module, *a, **k):
+        calls.append(getattr(module, "layer_idx", None))
+        assert not k.get("output_attentions")
+        return real(module, *a, **k)
+
+    with vprune.patched(m, keep=0.25):
+        monkeypatch.setattr(sdpa_mod, "sdpa_attention_forward", counting)
+        with torch.no_grad():
+            m(**inp)
+    text_calls = [c for c in calls if c is not None]
+    assert sorted(text_calls) == [0, 1, 2, 3]
+
+
+# ------------------------------------------------------------------- reuse on a plain stack
+def test_reuse_on_a_plain_llama_with_visual_tokens_after_bos():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg._attn_implementation = "sdpa"
+    m = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 60, (2, 26), generator=torch.Generator().manual_seed(1))
+    ids[:, 0] = 1
+    am = torch.ones_like(ids)
+    with torch.no_grad():
+        ref_full = m(ids, attention_mask=am).logits
+
+    config = VisualPruning(keep=0.5, layer=2, strategy="fastv")
+    pruner = lp.LLMPruner(m.config, m.model.layers, config, "last", host_name="LlamaForCausalLM")
+    undo = UndoLog()
+    pruner.install(undo)
+    try:
+        pruner.begin_call(lp.groups_from_ranges(2, [(1, 17)]), batch=2, seq_len=26, device=ids.device,
+                          attention_mask=am)
+        with torch.no_grad():
+            out = m(ids, attention_mask=am).logits
+        pruner.end_call()
+        st = pruner.stats()
+    finally:
+        undo.undo()
+    assert st["visual_tokens_after"] == [8, 8] and out.shape[1] == 26 - 8
+    vis = torch.zeros_like(ids, dtype=torch.bool)
+    vis[:, 1:17] = True
+    cols = kept_columns(ids, vis, st["kept_indices"])
+    ref = masked_reference(m, {"input_ids": ids, "attention_mask": am}, 2, cols)
+    for b in range(2):
+        torch.testing.assert_close(out[b], ref[b, cols[b]], atol=1e-5, rtol=0)
+    with torch.no_grad():  # undone: bit-identical again
+        assert torch.equal(m(ids, attention_mask=am).logits, ref_full)
