@@ -451,7 +451,7 @@ def generate_window(engine: DiffusionEngine, input_ids: torch.Tensor, attention_
                 qflag = act | decoded
                 if sh:
                     qflag = qflag | F.pad(act[:, sh:], (0, sh))  # left neighbours of the active
-                q_n = q_cap if graphed is not None else q_need_i
+                q_n = q_cap if graphed is not None else max(1, q_need_i)
                 key = torch.where(qflag, pos_row, pos_row + n)
                 qsort = torch.sort(key, dim=1).values[:, :q_n]
                 valid = qsort < n
