@@ -67,6 +67,7 @@ class TestbedVLAConfig(_BaseConfig):
     """
 
     model_type = "testbed_vla"
+    __test__ = False  # not a pytest class
     sub_configs = {"text_config": LlamaConfig}
 
     def __init__(self, image_size: int = 64, patch_size: int = 8, vision_dim: int = 64,
@@ -170,6 +171,7 @@ class TestbedVLAPolicy(PreTrainedModel, GenerationMixin):
     prompts have equal length (the sim's instructions all do); left padding also works."""
 
     config_class = TestbedVLAConfig
+    __test__ = False  # not a pytest class
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["TestbedProjector"]
