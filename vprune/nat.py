@@ -65,6 +65,14 @@ KIND_RESTART = "restart"
 KIND_FULL = "full"
 KIND_SUBSET = "subset"
 
+#: A subset step computes a multiple of this many rows per batch row (padding with settled
+#: tokens, whose recomputation is harmless). Measured (torch 2.14, x86 CPU): SDPA and sgemm switch
+#: kernels for query blocks of fewer than 8 rows (k < 8, or k = 32*j + 1..7 in SDPA's 32-row
+#: blocks), and those rows then differ in the last bit from the same rows computed inside a full
+#: step; multiples of 8 keep mode "disentangle" bit-identical to its uncached reference (and
+#: align tensor-core tiles on GPU).
+SUBSET_MULTIPLE = 8
+
 #: Streams kept per runtime (least recently used one is restarted beyond this). Two cover CFG run
 #: as two passes; a few more cover interleaved generations.
 MAX_STREAMS = 4
@@ -249,6 +257,7 @@ class NATRuntime:
                 k = min(k, max(max(prev), 1))
             else:
                 k = max(max(prev), 1)
+            k = -(-k // SUBSET_MULTIPLE) * SUBSET_MULTIPLE
             kind = KIND_SUBSET if k < n else KIND_FULL
             if kind == KIND_FULL:
                 k = n
@@ -330,16 +339,17 @@ class NATRuntime:
         return s.out.clone()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+               math_scale: Optional[float] = None) -> torch.Tensor:
         """Self-attention of the computed rows against all ``N`` positions, via the K/V cache.
 
         q, k, v: ``[B, H, q, D]`` for the rows computed this step (``q = N`` on full steps).
         Writes k/v into the layer's cache ``[B, H, N, D]`` and returns ``[B, H, q, D]``. On full steps
-        of modes cache/reuse it calls SDPA exactly as the unpatched block does (bit-identical).
+        of modes cache/reuse it computes attention exactly as the unpatched block does
+        (bit-identical): SDPA, or with ``math_scale`` the explicit ``softmax(q*scale @ k^T) @ v``
+        of hosts whose fused attention is switched off.
         """
-        kw = {} if scale is None else {"scale": scale}
         if not self.active:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **kw)
+            return _sdpa(q, k, v, None, math_scale)
         s = self.host.stream
         idx = self.dev.idx
         mask = self.dev.attn_mask
@@ -350,7 +360,7 @@ class NATRuntime:
             else:
                 cache[0].copy_(k.detach())
                 cache[1].copy_(v.detach())
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **kw)
+            return _sdpa(q, k, v, mask, math_scale)
         cache = s.kv.get(layer)
         if cache is None:
             raise RuntimeError(f"vprune NAT: no K/V cache for layer {layer} (no full step ran first)")
@@ -358,7 +368,7 @@ class NATRuntime:
         ix = idx[:, None, :, None].expand(-1, kc.shape[1], -1, kc.shape[-1])
         kc.scatter_(2, ix, k.detach())
         vc.scatter_(2, ix, v.detach())
-        return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, dropout_p=dropout_p, **kw)
+        return _sdpa(q, kc, vc, mask, math_scale)
 
     def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
         """A per-stream value that is constant within a generation (e.g. text-conditioning K/V).
@@ -443,6 +453,76 @@ class NATRuntime:
             "tokens_computed_fraction": (self.tokens_computed / self.tokens_total) if self.tokens_total else None,
             "graphs_captured": sum(len(s.graphs) for s in self.streams),
         }
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+          math_scale: Optional[float]) -> torch.Tensor:
+    if math_scale is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    attn = (q * math_scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        attn = attn.masked_fill(~mask, float("-inf"))
+    return attn.softmax(dim=-1) @ v
+
+
+# ----------------------------------------------------------------------------- installing
+
+def install(model: Any, state: Any, config: Any, *, blocks: Sequence[Any], tag: str,
+            mask_fn: Callable[[Any, tuple, dict], torch.Tensor],
+            cond_fn: Callable[[Any, tuple, dict], Sequence[torch.Tensor]],
+            conf_fn: Callable[[Any, Any], torch.Tensor]) -> NATRuntime:
+    """Host-independent part of a NAT patch, every change recorded in ``state.undo``.
+
+    blocks: the hooked transformer blocks, in order; they must map ``[B, N, C] -> [B, N, C]`` with
+        tokens in the order of ``mask_fn``'s ``[B, N]`` mask, and route their self-attention
+        through ``runtime.attend`` (the integration does that part).
+    mask_fn(model, args, kwargs) -> ``[B, N]`` bool, True where the forward's input is a mask token.
+    cond_fn(model, args, kwargs) -> conditioning tensors (their fingerprint picks the stream).
+    conf_fn(model, output) -> ``[B, N]`` confidence of the output (mode reuse only).
+
+    The model's class is swapped to a ``VPrune<Host>`` subclass whose ``forward`` plans the step,
+    runs the original forward (eagerly or from a captured CUDA graph) and records the confidence;
+    the first block gets a pre-hook that gathers the computed rows, the last a hook that scatters
+    them back over the output cache.
+    """
+    from .undo import vprune_subclass
+
+    rt = NATRuntime(config.mode, config.refresh, len(blocks), cuda_graphs=config.cuda_graphs)
+    state.runtime = rt
+    original = type(model)
+    original_forward = original.forward
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        st = self.__dict__["_vprune"]
+        runtime: NATRuntime = st.runtime
+        st.calls += 1
+
+        def inner(*a: Any, **k: Any) -> Any:
+            runtime.prepare_in_forward(mask_fn(self, a, k), cond_fn(self, a, k))
+            try:
+                out = original_forward(self, *a, **k)
+                if runtime.mode == "reuse":
+                    runtime.set_confidence(conf_fn(self, out))
+            finally:
+                runtime.end()
+            return out
+
+        return runtime.call(inner, args, kwargs, lambda a, k: mask_fn(self, a, k),
+                            lambda a, k: cond_fn(self, a, k))
+
+    forward.__doc__ = original_forward.__doc__
+    state.undo.swap_class(model, vprune_subclass(original, {"forward": forward}, tag=f"nat-{tag}"))
+
+    def pre(module: Any, args: tuple) -> tuple:
+        return (rt.gather_input(args[0]),) + tuple(args[1:])
+
+    def post(module: Any, args: tuple, output: Any) -> Any:
+        return rt.scatter_output(output)
+
+    state.undo.add_hook(blocks[0].register_forward_pre_hook(pre))
+    state.undo.add_hook(blocks[-1].register_forward_hook(post))
+    state.undo.on_undo(rt.reset, "NAT runtime")
+    return rt
 
 
 # ----------------------------------------------------------------------------- nested helpers

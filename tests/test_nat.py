@@ -1,0 +1,121 @@
+"""Core NAT logic (vprune.nat): partition, static-size selection, ENAT mask, streams, config."""
+import math
+
+import pytest
+import torch
+
+import vprune
+from vprune import nat
+
+
+def test_partition_groups_are_disjoint_and_cover():
+    prev = torch.tensor([[True, True, False, True, False]])
+    now = torch.tensor([[True, False, False, True, False]])
+    settled, new, mask = nat.partition(now, prev)
+    assert settled.tolist() == [[False, False, True, False, True]]
+    assert new.tolist() == [[False, True, False, False, False]]
+    assert mask.tolist() == now.tolist()
+    total = settled.int() + new.int() + mask.int()
+    assert torch.equal(total, torch.ones_like(total))
+
+
+def test_select_tokens_static_k_ascending_ties_to_lower_index():
+    score = torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0, 0.0],
+                          [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    idx = nat.select_tokens(score, 3)
+    assert idx.shape == (2, 3)
+    assert idx[0].tolist() == [1, 2, 4]
+    # row 1 has one positive: padding takes the lowest-index others
+    assert idx[1].tolist() == [0, 1, 2]
+    # continuous scores keep their order (the tie-break is below float32 resolution)
+    conf = torch.tensor([[0.5, 0.50001, 0.2, 0.9]])
+    assert nat.select_tokens(conf, 2)[0].tolist() == [1, 3]
+    assert nat.select_tokens(conf, 10).shape == (1, 4)
+
+
+def test_disentangled_mask_pattern():
+    is_mask = torch.tensor([[False, False, True, False]])
+    revkey = torch.tensor([[4, 2, -1, 4]])      # tokens 0 and 3 revealed first, token 1 later
+    m = nat.disentangled_mask(None, is_mask, revkey)[0, 0]
+    assert m[2].all()                            # a mask query attends to everything
+    assert m[0].tolist() == [True, False, False, True]   # early token: only early visible tokens
+    assert m[1].tolist() == [True, True, False, True]    # later token: everything visible so far
+    assert not m[:, 2][[0, 1, 3]].any()          # no visible token attends to a mask token
+    sub = nat.disentangled_mask(torch.tensor([[1, 2]]), is_mask, revkey)[0, 0]
+    assert torch.equal(sub, m[[1, 2]])
+
+
+def test_cosine_counts_match_the_samplers_rule():
+    from vprune.testbed.maskgit import mask_schedule
+    counts = nat.cosine_mask_counts(256, 12)
+    assert counts[0] == 256 and len(counts) == 12
+    assert all(a > b for a, b in zip(counts, counts[1:]))
+    assert counts[1:] == [max(1, c) for c in mask_schedule(256, 12)]
+    assert counts[1] == math.floor(256 * math.cos(math.pi / 2 / 12))
+
+
+def _step(rt, is_mask, cond):
+    plan = rt.begin(is_mask, cond)
+    rt.build(is_mask)
+    rt.end()
+    return plan
+
+
+def test_runtime_plans_restart_full_and_subset_sizes():
+    rt = nat.NATRuntime("cache", refresh=3, n_layers=1)
+    b, n = 2, 32
+    lab = torch.tensor([1, 2])
+    masks = [torch.ones(b, n, dtype=torch.bool)]
+    for keep in (24, 5, 3, 1):
+        m = torch.zeros(b, n, dtype=torch.bool)
+        m[:, :keep] = True
+        masks.append(m)
+    plans = [_step(rt, m, [lab]) for m in masks]
+    # step 1 would compute every token (all were masked before): it runs as a full step
+    # sizes are rounded up to multiples of SUBSET_MULTIPLE (8)
+    assert [p.kind for p in plans] == ["restart", "full", "subset", "full", "subset"]
+    assert [p.k for p in plans] == [32, 32, 24, 32, 8]
+    # all-masked input again: a new generation restarts the same stream
+    again = _step(rt, masks[0], [lab])
+    assert again.kind == "restart" and again.stream is plans[0].stream
+    assert len(rt.streams) == 1
+
+
+def test_runtime_separate_streams_per_conditioning_and_lru_bound():
+    rt = nat.NATRuntime("cache", refresh=4, n_layers=1)
+    m = torch.ones(1, 4, dtype=torch.bool)
+    s_cond = _step(rt, m, [torch.tensor([3])]).stream
+    s_unc = _step(rt, m, [torch.tensor([10])]).stream
+    assert s_cond is not s_unc
+    part = torch.tensor([[True, True, False, False]])
+    assert _step(rt, part, [torch.tensor([3])]).stream is s_cond
+    assert _step(rt, part, [torch.tensor([10])]).stream is s_unc
+    for c in range(20):
+        _step(rt, m, [torch.tensor([100 + c])])
+    assert len(rt.streams) <= nat.MAX_STREAMS
+    rt.reset()
+    assert rt.streams == []
+
+
+def test_more_masks_than_before_restarts():
+    rt = nat.NATRuntime("disentangle", refresh=100, n_layers=1)
+    lab = [torch.tensor([0])]
+    _step(rt, torch.ones(1, 4, dtype=torch.bool), lab)
+    _step(rt, torch.tensor([[True, False, False, True]]), lab)
+    p = _step(rt, torch.tensor([[True, True, False, True]]), lab)
+    assert p.kind == "restart"
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"mode": "fast"}, "mode"), ({"refresh": 0}, "refresh"), ({"refresh": 1.5}, "refresh"),
+    ({"cuda_graphs": 1}, "cuda_graphs")])
+def test_config_errors_name_field_value_and_range(kwargs, field):
+    with pytest.raises(ValueError) as e:
+        vprune.NATCache(**kwargs)
+    msg = str(e.value)
+    assert field in msg and repr(list(kwargs.values())[0]) in msg and "allowed" in msg
+
+
+def test_config_roundtrip():
+    c = vprune.NATCache(mode="reuse", refresh=3, cuda_graphs=True)
+    assert vprune.TechniqueConfig.from_dict(c.to_dict()) == c
