@@ -15,9 +15,11 @@ from vprune.errors import UnsupportedModelError
 
 # host class name -> (module, integration class). Keep sorted by integration.
 _HOSTS: Dict[str, Tuple[str, str]] = {
+    "UVit2DModel": ("vprune.integrations.amused", "AmusedIntegration"),
     "DreamModel": ("vprune.integrations.dream", "DreamIntegration"),
     "LLaDAModelLM": ("vprune.integrations.llada", "LLaDAIntegration"),
     "LlavaForConditionalGeneration": ("vprune.integrations.llava", "LlavaIntegration"),
+    "TinyMaskGIT": ("vprune.integrations.maskgit", "MaskGITIntegration"),
     "OpenVLAForActionPrediction": ("vprune.integrations.openvla", "OpenVLAIntegration"),
     "TestbedVLAPolicy": ("vprune.integrations.openvla", "OpenVLAIntegration"),
     "Qwen2VLForConditionalGeneration": ("vprune.integrations.qwen2_vl", "Qwen2VLIntegration"),
