@@ -64,11 +64,10 @@ def build_model(shape: Dict[str, Any], device: str, dtype: torch.dtype, seed: in
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta"):
+        with torch.device(device):  # allocate (and default-init) directly on the device
             model = LLaDAModelLM(cfg)
     finally:
         torch.set_default_dtype(old)
-    model = model.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
