@@ -22,9 +22,10 @@ from typing import Tuple
 import torch
 
 from ._triton import HAS_TRITON, INTERPRET, TRITON_IMPORT_ERROR
-from .gather import check_gather_args, gather_out_shape, gather_rows_reference, gather_rows_triton
+from .gather import (check_gather_args, gather_out_shape, gather_rows_reference, gather_rows_triton,
+                     gather_rows_triton_unchecked)
 from .select import (check_select_args, select_topk_per_row_reference, select_topk_per_row_triton,
-                     select_topk_reference, select_topk_triton)
+                     select_topk_reference, select_topk_triton, select_topk_triton_unchecked)
 
 __all__ = ["select_topk", "select_topk_per_row", "gather_rows", "backend_for", "OPS_REGISTERED"]
 
@@ -47,11 +48,9 @@ def backend_for(t: torch.Tensor) -> str:
     raise ValueError(f"VPRUNE_KERNELS={forced!r} is invalid: allowed 'torch', 'triton' or unset")
 
 
-def _is_compiling() -> bool:
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if fn is None:  # torch < 2.3
-        fn = getattr(getattr(torch, "_dynamo", None), "is_compiling", lambda: False)
-    return bool(fn())
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+if _is_compiling is None:  # torch < 2.3
+    _is_compiling = getattr(getattr(torch, "_dynamo", None), "is_compiling", lambda: False)
 
 
 # ---- implementations behind both the eager path and the custom ops ---------------------------
@@ -143,7 +142,9 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     if OPS_REGISTERED and _is_compiling():
         return torch.ops.vprune.select_topk(scores, k)
     check_select_args(scores, k)
-    return _select_impl(scores, k)
+    if backend_for(scores) == "triton":
+        return select_topk_triton_unchecked(scores, k)
+    return select_topk_reference(scores, k)
 
 
 def select_topk_per_row(scores: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
@@ -161,7 +162,9 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tenso
     Indices must lie in [0, N) (the Triton path copies zero rows for others, the reference raises)."""
     if OPS_REGISTERED and (_is_compiling() or (x.requires_grad and torch.is_grad_enabled())):
         return torch.ops.vprune.gather_rows(x, idx, dim)
-    check_gather_args(x, idx, dim)
+    d = check_gather_args(x, idx, dim)
     if x.requires_grad and torch.is_grad_enabled():  # no custom op (old torch): the differentiable reference
         return gather_rows_reference(x, idx, dim).contiguous()
-    return _gather_impl(x, idx, dim)
+    if backend_for(x) == "triton":
+        return gather_rows_triton_unchecked(x, idx, d)
+    return gather_rows_reference(x, idx, dim).contiguous()

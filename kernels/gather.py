@@ -9,10 +9,11 @@ Never torch.gather with an expanded index (2.3x slower on an H100: it reads an i
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ._launch import FastLauncher, int_class, ptr_class
 from ._triton import HAS_TRITON, next_pow2, tl, triton
 
 
@@ -51,9 +52,10 @@ def gather_out_shape(x_shape: Tuple[int, ...], k: int, d: int) -> Tuple[int, ...
 # Triton
 # ---------------------------------------------------------------------------------------------
 
-# Elements per program: 8192 x 2 bytes = 16 KB read + 16 KB written per program keeps enough loads
-# in flight per SM at 4-8 warps (16-byte vector loads) without a persistent loop.
-ELEMS_PER_PROGRAM = 8192
+# Elements per program. H100 sweep (kernels/tune.py, bf16 D=4096, graph device time): 2048 and 4096
+# tie (B=64,N=4096,k=1024: 367 us = 0.83x a torch copy_ of the same bytes; B=1,N=576,k=144: 2.1 us),
+# 8192 is 1-15% slower, 16384 slower still at small k.
+ELEMS_PER_PROGRAM = 4096
 # Widest row chunk one program copies; longer rows are split across grid axis 1.
 MAX_BLOCK_R = 4096
 
@@ -121,6 +123,32 @@ def _as_bmnr(x: torch.Tensor, d: int) -> Tuple[torch.Tensor, int, int, int, int,
     return x, m, r, strides[0], sx_m, strides[d]
 
 
+_PLANS: Dict[Tuple[Any, ...], Tuple[Any, ...]] = {}
+_LAUNCH = FastLauncher(_gather_rows_kernel) if HAS_TRITON else None
+
+
+def _plan(x: torch.Tensor, d: int, k: int) -> Tuple[Any, ...]:
+    """(x to read, M, R, strides, block sizes, grid, warps) for one call; cached for contiguous x."""
+    contiguous = x.is_contiguous()
+    ck = (x.shape, d, k, x.element_size(), ELEMS_PER_PROGRAM, MAX_BLOCK_R) if contiguous else None
+    plan = _PLANS.get(ck) if contiguous else None
+    if plan is None:
+        xs, m, r, sx_b, sx_m, sx_n = _as_bmnr(x, d)
+        b = x.shape[0]
+        n_rows = b * m * k
+        block_r = min(next_pow2(r), MAX_BLOCK_R)
+        block_rows = max(1, min(ELEMS_PER_PROGRAM // block_r, next_pow2(n_rows)))
+        grid = (triton.cdiv(n_rows, block_rows), triton.cdiv(r, block_r), 1)
+        num_warps = 4 if block_rows * block_r <= 2048 else 8
+        plan = (m, r, sx_b, sx_m, sx_n, n_rows, block_rows, block_r, grid, num_warps,
+                int_class(r), int_class(sx_b), int_class(sx_m), int_class(sx_n), int_class(n_rows)[2])
+        if contiguous:
+            _PLANS[ck] = plan
+        else:
+            x = xs
+    return (x,) + plan
+
+
 def gather_rows_triton(x: torch.Tensor, idx: torch.Tensor, dim: int = 1,
                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton gather: x [B, ..., N, ...] (token axis ``dim``), idx [B, k] -> contiguous x[..., idx, ...].
@@ -130,27 +158,37 @@ def gather_rows_triton(x: torch.Tensor, idx: torch.Tensor, dim: int = 1,
     if not HAS_TRITON:
         raise RuntimeError("gather_rows_triton: triton is not importable")
     d = check_gather_args(x, idx, dim)
-    b, k = idx.shape
+    k = idx.shape[1]
     shape = gather_out_shape(tuple(x.shape), k, d)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     elif tuple(out.shape) != shape or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"gather_rows_triton: out must be a contiguous {x.dtype} tensor of shape {shape}")
+    _launch_gather(x, idx, d, out)
+    return out
+
+
+def gather_rows_triton_unchecked(x: torch.Tensor, idx: torch.Tensor, d: int) -> torch.Tensor:
+    """``gather_rows_triton`` for checked arguments and a non-negative token axis ``d`` (dispatcher's eager path)."""
+    shape = list(x.shape)
+    shape[d] = idx.shape[1]
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    _launch_gather(x, idx, d, out)
+    return out
+
+
+def _launch_gather(x: torch.Tensor, idx: torch.Tensor, d: int, out: torch.Tensor) -> None:
     if out.numel() == 0:
-        return out
-    xs, m, r, sx_b, sx_m, sx_n = _as_bmnr(x, d)
+        return
+    k = idx.shape[1]
+    (xs, m, r, sx_b, sx_m, sx_n, n_rows, block_rows, block_r, grid, nw,
+     c_r, c_sb, c_sm, c_sn, wide_rows) = _plan(x, d, k)
     view = _INT_VIEW.get(x.element_size())
     if view is None:
         raise TypeError(f"gather_rows_triton: element size {x.element_size()} of {x.dtype} not supported")
     xv, ov = xs.view(view), out.view(view)
-    block_r = min(next_pow2(r), MAX_BLOCK_R)
-    block_rows = max(1, min(ELEMS_PER_PROGRAM // block_r, next_pow2(b * m * k)))
-    n_rows = b * m * k
-    grid = (triton.cdiv(n_rows, block_rows), triton.cdiv(r, block_r))
-    num_warps = 4 if block_rows * block_r <= 2048 else 8
-    _gather_rows_kernel[grid](
-        xv, idx, ov, n_rows, k, m, x.shape[d], r,
-        sx_b, sx_m, sx_n, idx.stride(0), idx.stride(1),
-        BLOCK_ROWS=block_rows, BLOCK_R=block_r, num_warps=num_warps,
-    )
-    return out
+    si_b, si_k = idx.stride()
+    # everything Triton specialises on (n_rows, k, m, n are not specialised beyond their int width)
+    key = (view, idx.dtype, block_rows, block_r, nw, xv.get_device(), ptr_class(xv), ptr_class(idx), ptr_class(ov),
+           c_r, c_sb, c_sm, c_sn, int_class(si_b), int_class(si_k), wide_rows)
+    _LAUNCH(key, grid, (xv, idx, ov, n_rows, k, m, xs.shape[d], r, sx_b, sx_m, sx_n, si_b, si_k, block_rows, block_r), nw)

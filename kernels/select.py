@@ -9,8 +9,9 @@ Semantics every implementation must match exactly:
 The Triton kernel (one program per row) never sorts:
 1. keys: the raw bits of each score become an int32 key whose signed order is the float order
    (negative floats get their magnitude bits flipped, +-0 -> 0, NaN -> the smallest key);
-2. threshold: the k-th largest key T is built bit by bit, high to low: a candidate bit stays set
-   when at least k keys are >= the candidate (16 rounds for fp16/bf16, 32 for fp32);
+2. threshold: the k-th largest key T is built high bits first, two bits a round: of the candidates
+   lo + {1,2,3} * step the largest with at least k keys >= it is kept; the three counts come from one
+   block reduction (8 rounds for fp16/bf16, 16 for fp32);
 3. compaction: every key > T is kept, plus the first ``k - #(key > T)`` keys == T in index order;
    each kept lane writes its own index at its exclusive prefix count, so the output is ascending.
 Rows up to ``MAX_REGISTER_BLOCK`` keys stay in registers for all rounds; longer rows are re-read tile
@@ -18,10 +19,11 @@ by tile in each round (from L1/L2: a 16384-token fp32 row is 64 KB).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ._launch import FastLauncher, int_class, ptr_class
 from ._triton import HAS_TRITON, next_pow2, tl, triton
 
 
@@ -70,11 +72,16 @@ def select_topk_per_row_reference(scores: torch.Tensor, k: torch.Tensor, k_max: 
 # Triton
 # ---------------------------------------------------------------------------------------------
 
-# Rows up to this many keys are held in registers for all rounds (int32 keys: 8192 keys over
-# 16 warps = 16 registers a thread). Longer rows loop over tiles of TILE_BLOCK keys each round.
-MAX_REGISTER_BLOCK = 8192
-# Tile for long rows: 4096 int32 keys over 16 warps, re-read from L1/L2 once per round.
-TILE_BLOCK = 4096
+# Rows up to this many keys stay in registers for all rounds (16384 int32 keys over 16 warps = 32
+# registers a thread). H100, bf16, N=16384: 17.6 us in registers vs 63-82 us re-reading tiles of
+# 2048-8192 (kernels/tune.py). At most 16384: the compaction scan packs two 16-bit counts.
+MAX_REGISTER_BLOCK = 16384
+# Tile for longer rows, re-read from L1/L2 once per round: 8192 beat 4096 and 2048 (99 vs 111 vs 137 us
+# fp32, N=16384 when tiled).
+TILE_BLOCK = 8192
+
+# Bits of the threshold settled per round (1 or 2); see the kernel. 2 halves the rounds.
+ROUND_BITS = 2
 
 # (view dtype, key bits, magnitude mask, +inf bits) per score dtype. The kernel reads the raw bits
 # through an integer view, so no float arithmetic runs on bf16/fp16 in the kernel.
@@ -85,12 +92,21 @@ _KEY_LAYOUT = {
 }
 
 
+# Warps per row program by block size, from the H100 sweep in kernels/tune.py (graph device time):
+# 256 keys: 1 warp (2.7 us vs 3.5 with 2); 1024: 4 (4.2 vs 4.7 with 2, 4.4 with 8); 4096: 8 (7.0-7.2
+# vs 7.7 with 4 at B=64); 8192: 8 (10.5 vs 12.7 with 4); 16384: 16.
+_WARPS = {1: 1, 2: 1, 4: 1, 8: 1, 16: 1, 32: 1, 64: 1, 128: 1, 256: 1, 512: 2, 1024: 4, 2048: 4, 4096: 8,
+          8192: 8, 16384: 16}
+
+
 def _num_warps(block: int) -> int:
-    """Warps per row program: about 16 keys a thread, at least 1 warp, at most 16."""
-    return max(1, min(16, block // 512))
+    """Warps per row program for a power-of-two block (see _WARPS)."""
+    return _WARPS.get(block, 16)
 
 
 if HAS_TRITON:
+    _F2 = tl.constexpr(1 + (1 << 21))  # counts fields for "key >= c2" (also >= c1)
+    _F3 = tl.constexpr(1 + (1 << 21) + (1 << 42))  # "key >= c3" (also >= c2, >= c1)
 
     @triton.jit
     def _row_keys(base_ptr, offs, n, inf_bits, ABS_MASK: tl.constexpr, KEY_MIN: tl.constexpr):
@@ -109,7 +125,7 @@ if HAS_TRITON:
     def _select_topk_kernel(
         bits_ptr, out_ptr, k_ptr, n, k, inf_bits, stride_row, stride_out,
         KEY_BITS: tl.constexpr, ABS_MASK: tl.constexpr, KEY_MIN: tl.constexpr,
-        BLOCK: tl.constexpr, NUM_TILES: tl.constexpr, PER_ROW_K: tl.constexpr,
+        BLOCK: tl.constexpr, NUM_TILES: tl.constexpr, PER_ROW_K: tl.constexpr, ROUND_BITS: tl.constexpr,
     ):
         """One program per row: keys -> k-th largest key by bisection -> in-order compaction."""
         row = tl.program_id(0).to(tl.int64)
@@ -123,24 +139,50 @@ if HAS_TRITON:
         if NUM_TILES == 1:
             keys = _row_keys(base, offs, n, inf_bits, ABS_MASK, KEY_MIN)
 
-        # Threshold: largest T with #(key >= T) >= k. Built from KEY_MIN upward one bit at a time;
+        # Threshold: largest T with #(key >= T) >= k, built from KEY_MIN upward, high bits first;
         # int64 scalars because KEY_MIN + 2**31 overflows int32 before the candidate is final.
         lo = tl.full([], KEY_MIN, tl.int64)
-        for i in tl.static_range(KEY_BITS):
-            cand = lo + (1 << (KEY_BITS - 1 - i))
-            c32 = cand.to(tl.int32)
-            if NUM_TILES == 1:
-                cnt = tl.sum((keys >= c32).to(tl.int32), axis=0)
-            else:
-                cnt = tl.full([], 0, tl.int32)
-                for t in range(NUM_TILES):
-                    kt = _row_keys(base, t * BLOCK + offs, n, inf_bits, ABS_MASK, KEY_MIN)
-                    cnt += tl.sum((kt >= c32).to(tl.int32), axis=0)
-            lo = tl.where(cnt >= k_row, cand, lo)
+        if ROUND_BITS == 1:
+            # one bit a round: one count (#key >= lo + step) per round
+            for i in tl.static_range(KEY_BITS):
+                cand = lo + (1 << (KEY_BITS - 1 - i))
+                c32 = cand.to(tl.int32)
+                if NUM_TILES == 1:
+                    cnt = tl.sum((keys >= c32).to(tl.int32), axis=0)
+                else:
+                    cnt = tl.full([], 0, tl.int32)
+                    for t in range(NUM_TILES):
+                        kt = _row_keys(base, t * BLOCK + offs, n, inf_bits, ABS_MASK, KEY_MIN)
+                        cnt += tl.sum((kt >= c32).to(tl.int32), axis=0)
+                lo = tl.where(cnt >= k_row, cand, lo)
+        else:
+            # two bits a round: the counts for lo + {1,2,3} * step come from ONE reduction, packed
+            # in 21-bit fields of an int64 (counts < 2**21: the launcher checks N). Half the rounds,
+            # and a round's cost is mostly the block-wide reduction's latency, not its arithmetic.
+            for i in tl.static_range(KEY_BITS // 2):
+                step = 1 << (KEY_BITS - 2 - 2 * i)
+                c1 = (lo + step).to(tl.int32)
+                c2 = (lo + 2 * step).to(tl.int32)
+                c3 = (lo + 3 * step).to(tl.int32)
+                if NUM_TILES == 1:
+                    # key >= c3 implies key >= c2 implies key >= c1: one field value per case
+                    v = tl.where(keys >= c3, _F3, tl.where(keys >= c2, _F2, tl.where(keys >= c1, 1, 0).to(tl.int64)))
+                    tot = tl.sum(v, axis=0)
+                else:
+                    tot = tl.full([], 0, tl.int64)
+                    for t in range(NUM_TILES):
+                        kt = _row_keys(base, t * BLOCK + offs, n, inf_bits, ABS_MASK, KEY_MIN)
+                        v = tl.where(kt >= c3, _F3, tl.where(kt >= c2, _F2, tl.where(kt >= c1, 1, 0).to(tl.int64)))
+                        tot += tl.sum(v, axis=0)
+                n1 = tot & 0x1FFFFF
+                n2 = (tot >> 21) & 0x1FFFFF
+                n3 = tot >> 42
+                m = (n1 >= k_row).to(tl.int64) + (n2 >= k_row).to(tl.int64) + (n3 >= k_row).to(tl.int64)
+                lo = lo + m * step
         thr = lo.to(tl.int32)
 
         # Compaction. One scan serves both counts: gt in the low 16 bits, eq in the high 16
-        # (a tile has at most 8192 lanes, so neither half overflows).
+        # (a block has at most 16384 lanes, so neither half overflows).
         if NUM_TILES == 1:
             gt = (keys > thr).to(tl.int32)
             eq = (keys == thr).to(tl.int32)
@@ -176,25 +218,46 @@ if HAS_TRITON:
                 eq_seen += tl.sum(eq, axis=0)
 
 
+def _config(dtype: torch.dtype, n: int) -> Tuple[Any, ...]:
+    """Launch constants for a row length and dtype (cached: they are pure functions of both)."""
+    ck = (dtype, n, MAX_REGISTER_BLOCK, TILE_BLOCK, ROUND_BITS, _num_warps)  # module constants: tests/tune override them
+    cfg = _CONFIGS.get(ck)
+    if cfg is None:
+        view_dtype, key_bits, abs_mask, inf_bits = _KEY_LAYOUT[dtype]
+        block, num_tiles = next_pow2(n), 1
+        if block > MAX_REGISTER_BLOCK:
+            block = TILE_BLOCK
+            num_tiles = triton.cdiv(n, block)
+        round_bits = ROUND_BITS if n < (1 << 21) else 1  # 2-bit rounds pack counts in 21-bit fields
+        cfg = (view_dtype, key_bits, abs_mask, inf_bits, -(1 << (key_bits - 1)), block, num_tiles, round_bits,
+               _num_warps(block))
+        _CONFIGS[ck] = cfg
+    return cfg
+
+
+_CONFIGS: Dict[Tuple[Any, ...], Tuple[Any, ...]] = {}
+_LAUNCH = FastLauncher(_select_topk_kernel) if HAS_TRITON else None
+
+
 def _launch_select(scores: torch.Tensor, out: torch.Tensor, k: int, k_per_row: Optional[torch.Tensor]) -> None:
-    view_dtype, key_bits, abs_mask, inf_bits = _KEY_LAYOUT[scores.dtype]
+    """Launch one program per row; arguments are already checked. No host synchronisation."""
     b, n = scores.shape
     if b == 0:
         return
     if scores.stride(1) != 1:
         scores = scores.contiguous()
+    view_dtype, key_bits, abs_mask, inf_bits, key_min, block, num_tiles, round_bits, nw = _config(scores.dtype, n)
     bits = scores.view(view_dtype)
-    block = next_pow2(n)
-    num_tiles = 1
-    if block > MAX_REGISTER_BLOCK:
-        block = TILE_BLOCK
-        num_tiles = triton.cdiv(n, block)
-    _select_topk_kernel[(b,)](
-        bits, out, k_per_row if k_per_row is not None else out, n, k, inf_bits, bits.stride(0), out.stride(0),
-        KEY_BITS=key_bits, ABS_MASK=abs_mask, KEY_MIN=-(1 << (key_bits - 1)),
-        BLOCK=block, NUM_TILES=num_tiles, PER_ROW_K=k_per_row is not None,
-        num_warps=_num_warps(block),
-    )
+    per_row = k_per_row is not None
+    kp = k_per_row if per_row else out
+    sr, so = bits.stride(0), out.stride(0)
+    # everything Triton specialises this kernel on (n, k are not specialised; inf_bits is always a
+    # 32-bit multiple of 16), so a cached compiled kernel is reused only where it is valid
+    key = (key_bits, block, num_tiles, per_row, round_bits, nw, bits.get_device(), ptr_class(bits), ptr_class(out),
+           ptr_class(kp), int_class(sr), int_class(so))
+    _LAUNCH(key, (b, 1, 1),
+            (bits, out, kp, n, k, inf_bits, sr, so, key_bits, abs_mask, key_min, block, num_tiles, per_row, round_bits),
+            nw)
 
 
 def select_topk_triton(scores: torch.Tensor, k: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -209,6 +272,13 @@ def select_topk_triton(scores: torch.Tensor, k: int, out: Optional[torch.Tensor]
         out = torch.empty((scores.shape[0], k), dtype=torch.int64, device=scores.device)
     elif out.shape != (scores.shape[0], k) or out.dtype != torch.int64 or out.stride(1) != 1:
         raise ValueError(f"select_topk_triton: out must be int64 [{scores.shape[0]}, {k}] with last stride 1")
+    _launch_select(scores, out, k, None)
+    return out
+
+
+def select_topk_triton_unchecked(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``select_topk_triton`` for arguments the caller has already checked (the dispatcher's eager path)."""
+    out = torch.empty((scores.shape[0], k), dtype=torch.int64, device=scores.device)
     _launch_select(scores, out, k, None)
     return out
 

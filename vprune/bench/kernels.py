@@ -4,9 +4,12 @@
 
 Shapes: B in {1, 8, 64} x N in {256, 576, 2304, 4096, 16384} x k in {N/4, N/9}; hidden states
 [B, N, 4096] bf16, scores [B, N] (bf16 by default; fp32 select times are reported beside them).
-Each op is timed eagerly (one call between two CUDA events, the device idle before it, so the
-host-side launch cost counts: that is what an eager model pays) and inside a CUDA graph (several
-calls captured, replay time / calls: device time without launch gaps); the median of many runs.
+Each op is timed three ways, the median of many runs:
+* eager (device): one eager call between two CUDA events, launched while the device is still busy
+  with a 512 MB memset (triton.testing.do_bench's method), so the events see device time only, L2 cold;
+* eager (loop): back-to-back eager calls between two events, time / calls: the larger of the host
+  launch cost and the device time, which is what an eager model pays per call on this host;
+* graph: several calls captured in one CUDA graph, replay time / calls (device time, no launch gaps).
 The copy-bandwidth floor for gather, bytes read + written / copy bandwidth, uses a device-to-device
 copy bandwidth measured here. The targets of issue 3 are checked at the end.
 Needs a CUDA device; exits with a message otherwise.
@@ -42,19 +45,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ---- timing -----------------------------------------------------------------------------------
 
-def time_eager(fn: Callable[[], Any], repeats: int, warmup: int = 5) -> float:
-    """Median microseconds of one call, each timed alone between two events on an idle device."""
+_FLUSH: Optional[torch.Tensor] = None
+
+
+def _flush() -> None:
+    """Keep the device busy (~170 us: a 512 MB memset, which also evicts L2) while the host launches
+    the timed call, so the events around it see device time only (triton.testing.do_bench's method)."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
+    _FLUSH.zero_()
+
+
+def time_eager_device(fn: Callable[[], Any], repeats: int, warmup: int = 5) -> float:
+    """Median device microseconds of one eager call (launched behind a flush; cold L2)."""
     for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for i in range(repeats):
+        _flush()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+
+
+def time_eager_loop(fn: Callable[[], Any], repeats: int, calls: int = 20) -> float:
+    """Median microseconds per call of ``calls`` back-to-back eager calls between two events: the
+    larger of host launch cost and device time, which is what an eager model pays per call."""
+    for _ in range(5):
         fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(repeats):
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / calls)
     return statistics.median(times)
 
 
@@ -86,10 +119,10 @@ def time_graph(fn: Callable[[], Any], repeats: int, calls: int) -> float:
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    """Device-to-device copy bandwidth in bytes/s (bf16 tensors), counting bytes read plus written."""
+    src = torch.randn(nbytes // 2, device="cuda").to(torch.bfloat16)
     dst = torch.empty_like(src)
-    t_us = time_eager(lambda: dst.copy_(src), repeats)
+    t_us = time_eager_device(lambda: dst.copy_(src), repeats)
     del src, dst
     return 2 * nbytes / (t_us * 1e-6)
 
@@ -129,9 +162,10 @@ def bench_shape(b: int, n: int, k: int, score_dtype: torch.dtype, repeats: int, 
     calls = max(1, min(20, GRAPH_OUT_BYTES // max(1, out_bytes)))
     row: Dict[str, Any] = {"B": b, "N": n, "k": k, "D": HIDDEN, "score_dtype": str(score_dtype).replace("torch.", ""),
                            "gather_bytes": 2 * out_bytes, "gather_floor_us": 2 * out_bytes / bw * 1e6,
-                           "eager_us": {}, "graph_us": {}, "graph_calls": calls}
+                           "eager_us": {}, "loop_us": {}, "graph_us": {}, "graph_calls": calls}
     for name, fn in ops.items():
-        row["eager_us"][name] = time_eager(fn, repeats)
+        row["eager_us"][name] = time_eager_device(fn, repeats)
+        row["loop_us"][name] = time_eager_loop(fn, max(10, repeats // 10))
     if graph:
         for name, fn in ops.items():
             row["graph_us"][name] = time_graph(fn, max(10, repeats // 4), calls)
@@ -145,7 +179,8 @@ def bench_shape(b: int, n: int, k: int, score_dtype: torch.dtype, repeats: int, 
 def _table(rows: List[Dict[str, Any]], mode: str) -> str:
     head = (f"{'B':>3} {'N':>6} {'k':>5} | {'sel torch':>9} {'sel tri':>8} {'sel f32':>8} | {'gat torch':>9} "
             f"{'idx_sel':>8} {'gat tri':>8} {'floor':>8} {'x floor':>7} | {'tot torch':>9} {'tot tri':>8} {'speedup':>7}")
-    lines = [f"[{mode}] microseconds per call (median)", head, "-" * len(head)]
+    title = {"eager": "eager, device time", "loop": "eager loop, host launch included", "graph": "CUDA graph"}[mode]
+    lines = [f"[{title}] microseconds per call (median)", head, "-" * len(head)]
     for r in rows:
         t = r[f"{mode}_us"]
         if not t:
@@ -166,7 +201,7 @@ def _targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
     r = find(1, 576, 144)
     if r:
-        for mode in ("eager", "graph"):
+        for mode in ("eager", "loop", "graph"):
             t = r[f"{mode}_us"]
             if t:
                 sp = t["total_torch"] / t["total_triton"]
@@ -176,15 +211,19 @@ def _targets(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     if small:
         worst = max(small, key=lambda r: r["eager_us"]["select_triton"])
         v = worst["eager_us"]["select_triton"]
-        out.append({"target": f"select < 10 us eager for N <= 4096 (worst B={worst['B']},N={worst['N']},k={worst['k']}, "
-                              f"{worst['score_dtype']})", "value": round(v, 2), "pass": v < 10.0})
+        out.append({"target": f"select < 10 us eager device time for N <= 4096 (worst B={worst['B']},N={worst['N']},"
+                              f"k={worst['k']}, {worst['score_dtype']} scores)", "value": round(v, 2), "pass": v < 10.0})
         worst32 = max(small, key=lambda r: r["eager_us"]["select_triton_fp32"])
         v32 = worst32["eager_us"]["select_triton_fp32"]
-        out.append({"target": f"(info) fp32 select, worst eager N <= 4096 (B={worst32['B']},N={worst32['N']})",
+        out.append({"target": f"(info) same with fp32 scores (worst B={worst32['B']},N={worst32['N']})",
                     "value": round(v32, 2), "pass": v32 < 10.0})
+        worst_l = max(small, key=lambda r: r["loop_us"]["select_triton"])
+        vl = worst_l["loop_us"]["select_triton"]
+        out.append({"target": f"(info) select < 10 us per call in an eager loop, host launch included (worst "
+                              f"B={worst_l['B']},N={worst_l['N']})", "value": round(vl, 2), "pass": vl < 10.0})
     r = find(64, 4096, 1024)
     if r:
-        for mode in ("graph", "eager"):
+        for mode in ("graph", "eager", "loop"):
             t = r[f"{mode}_us"]
             if t:
                 ratio = t["gather_triton"] / r["gather_floor_us"]
@@ -231,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
                  "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                  "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(),
                  "command": " ".join(sys.argv), "copy_bandwidth_Bps": bw, "repeats": repeats,
-                 "eager": "one call between events, device idle before it (includes host launch cost)",
+                 "eager": "device time of one eager call, launched behind a 512 MB memset (do_bench method, cold L2)",
+                 "loop": "back-to-back eager calls between two events / calls (max of host launch cost, device time)",
                  "graph": "calls captured in one CUDA graph, replay time / calls",
                  "torch_baseline": "scores.topk(k).indices.sort().values; torch.gather with an expanded index"},
         "rows": rows, "targets": targets,
@@ -243,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
     for t in targets:
         print(f"  {'PASS' if t['pass'] else 'MISS'} {t['target']}: {t['value']}")
     print(f"wrote {args.out}")
+    print(_table(rows, "loop"))
     print(_table(rows, "eager"))
     if not args.no_graph:
         print(_table(rows, "graph"))

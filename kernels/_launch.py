@@ -1,0 +1,76 @@
+"""A thin launch cache for compiled Triton kernels: skips ``JITFunction.run``'s per-call binding.
+
+Measured on the H100 host (triton 3.6): launching even an empty ``@triton.jit`` kernel costs ~11 us of
+host time per call, more than the select kernel's device time (~5 us), so in an eager model the
+host cost would decide the op's time. ``FastLauncher`` keeps the ``CompiledKernel`` that a normal
+launch returns, under a key made of everything Triton specialises on for *our* arguments (the
+caller passes it: dtypes, constexprs, warps, and the 16-byte alignment / ==1 / int-width classes of
+the specialised arguments), and later calls its compiled launcher directly.
+
+Safety: the key is at least as fine as Triton's own specialisation, so a cached kernel is only
+reused for arguments Triton would have compiled identically. Any surprise from the launcher's
+private calling convention (it has been stable through triton 3.x) disables the fast path for the
+process and falls back to the normal launch. Under ``TRITON_INTERPRET=1``, or when a launch hook
+(profiler) is installed, the normal launch is always used.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Hashable, Sequence, Tuple
+
+from ._triton import HAS_TRITON, INTERPRET, triton
+
+_ENABLED = HAS_TRITON and not INTERPRET
+
+
+def _hooks() -> Tuple[Any, Any]:
+    knobs = getattr(triton, "knobs", None)
+    rt = getattr(knobs, "runtime", None)
+    return getattr(rt, "launch_enter_hook", None), getattr(rt, "launch_exit_hook", None)
+
+
+def int_class(v: int) -> Tuple[bool, bool, bool]:
+    """What Triton may specialise an int argument on: == 1, divisible by 16, needs 64 bits."""
+    return v == 1, v % 16 == 0, not -(1 << 31) <= v < (1 << 31)
+
+
+def ptr_class(t: Any) -> bool:
+    """What Triton specialises a pointer argument on: 16-byte alignment."""
+    return t.data_ptr() % 16 == 0
+
+
+class FastLauncher:
+    """``launcher(key, grid, args, num_warps)``: launch ``fn`` with all its arguments (constexprs
+    included, in signature order), reusing the compiled kernel cached under ``key``."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.cache: Dict[Hashable, Any] = {}
+        self._driver = None
+
+    def _stream(self) -> Any:
+        if self._driver is None:
+            self._driver = triton.runtime.driver.active
+        d = self._driver
+        return d.get_current_stream(d.get_current_device())
+
+    def __call__(self, key: Hashable, grid: Tuple[int, int, int], args: Sequence[Any], num_warps: int) -> None:
+        global _ENABLED
+        if _ENABLED:
+            ck = self.cache.get(key)
+            if ck is not None:
+                enter, exit_ = _hooks()
+                if enter is None and exit_ is None:
+                    try:
+                        ck.run(grid[0], grid[1], grid[2], self._stream(), ck.function, ck.packed_metadata,
+                               None, None, None, *args)
+                        return
+                    except (TypeError, AttributeError, ValueError, SystemError):
+                        _ENABLED = False  # unknown launcher convention: normal launches from now on
+        ck = self.fn[grid](*args, num_warps=num_warps)
+        if _ENABLED and ck is not None and hasattr(ck, "packed_metadata") and hasattr(ck, "function"):
+            self.cache[key] = ck
+
+
+def fast_path_enabled() -> bool:
+    """Whether launches currently bypass ``JITFunction.run`` (false under the interpreter)."""
+    return _ENABLED
