@@ -1,0 +1,175 @@
+"""Train the testbed VLM (``vprune.testbed.vlm``) on the synthetic VQA task, reproducibly, on the CPU.
+
+    python -m vprune.testbed.train_vlm                       # writes vlm.safetensors, vlm_config.json,
+                                                              # vlm_tokenizer.json, vlm_train.json here
+    python -m vprune.testbed.train_vlm --steps 200 --out /tmp/vlm   # a quick try elsewhere
+
+Seeded (torch, numpy and the data stream), single-threaded by default (``--threads 1``), fp32,
+AdamW with linear warm-up and cosine decay, cross-entropy on the answer token only (the logits of
+the last prompt position, ``logits_to_keep=1``). Every step draws a fresh batch from
+``VQAGenerator(seed)``, so the model never sees a test scene (test seeds differ from the training seed).
+Bit-for-bit reproducibility holds for the same torch build and thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+from . import vlm as V
+from .vqa import QTYPES, VQAGenerator, chance, make_dataset, text_prior
+
+TRAIN_SEED = 1234
+TEST_SEED = 987654  # also the seed `vprune eval vlm` uses by default
+
+
+def _versions() -> Dict[str, str]:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__}
+
+
+def evaluate(model, tok, samples, batch_size: int = 64) -> Dict[str, Any]:
+    """Accuracy overall and per question type (greedy one-token generate)."""
+    preds = V.answer(model, tok, samples, batch_size=batch_size)
+    per: Dict[str, List[bool]] = {}
+    for p, s in zip(preds, samples):
+        per.setdefault(s.qtype, []).append(p == s.answer)
+    return {"accuracy": V.accuracy(preds, samples),
+            "per_type": {t: float(np.mean(v)) for t, v in sorted(per.items())}}
+
+
+def image_baselines(model, tok, samples, batch_size: int = 64) -> Dict[str, float]:
+    """The trained model with the image taken away: a blank (background-grey) image, and each
+    question paired with another sample's image (shuffled). Both should fall to about chance."""
+    from .vqa import BACKGROUND
+
+    blank = np.broadcast_to(np.array(BACKGROUND, dtype=np.uint8), samples[0].image.shape).copy()
+    blank_preds = V.answer(model, tok, samples, batch_size, images=[blank] * len(samples))
+    perm = np.random.default_rng(0).permutation(len(samples))
+    shuffled = [samples[int(i)].image for i in perm]
+    shuf_preds = V.answer(model, tok, samples, batch_size, images=shuffled)
+    return {"blank_image": V.accuracy(blank_preds, samples), "shuffled_image": V.accuracy(shuf_preds, samples)}
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    cfg = dict(V.DEFAULT_CONFIG)
+    tok = V.VLMTokenizer(V.build_vocab(), image_seq_length=(cfg["image_size"] // cfg["patch_size"]) ** 2)
+    cfg["vocab_size"] = len(tok)
+    model = V.build_vlm(cfg, seed=args.seed).train()
+    previous = None
+    if args.init:  # continue from an earlier run's weights (a fresh optimiser and schedule)
+        from safetensors.torch import load_file
+
+        V.load_state_dict_any_layout(model, load_file(os.path.join(args.init, "vlm.safetensors")))
+        with open(os.path.join(args.init, "vlm_train.json")) as f:
+            prev = json.load(f)
+        previous = {k: prev.get(k) for k in ("command", "steps", "batch", "lr", "seed", "train_seconds",
+                                             "train_cpu_seconds", "accuracy", "previous")}
+        print(f"continuing from {args.init} (accuracy {prev.get('accuracy')})", flush=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    warm = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    gen = VQAGenerator(seed=TRAIN_SEED + args.seed + (1000 if args.init else 0))
+    val = make_dataset(args.val, seed=TEST_SEED + 1)
+    print(f"testbed VLM: {n_params / 1e6:.2f} M params, vocab {len(tok)}, {args.steps} steps x {args.batch}",
+          flush=True)
+    t0, c0 = time.time(), time.process_time()
+    log: List[Dict[str, Any]] = []
+    running = None
+    for step in range(args.steps):
+        samples = [gen.sample() for _ in range(args.batch)]
+        batch = V.collate(samples, tok)
+        target = torch.tensor([tok.ids[s.answer] for s in samples])
+        out = model(**batch, logits_to_keep=1)
+        loss = torch.nn.functional.cross_entropy(out.logits[:, -1].float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            entry = {"step": step + 1, "loss": round(running, 4), "elapsed_s": round(time.time() - t0, 1)}
+            if (step + 1) % (args.log_every * 5) == 0 or step + 1 == args.steps:
+                model.eval()
+                entry["val_accuracy"] = round(evaluate(model, tok, val)["accuracy"], 4)
+                model.train()
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+    train_s, train_cpu = time.time() - t0, time.process_time() - c0
+    model.eval()
+
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(args.out, "vlm.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(args.out, "vlm_config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+        f.write("\n")
+    tok.save(os.path.join(args.out, "vlm_tokenizer.json"))
+
+    # held-out evaluation of the saved weights, reloaded the way users load them
+    model, tok = V.load_vlm(weights=os.path.join(args.out, "vlm.safetensors"),
+                            config=os.path.join(args.out, "vlm_config.json"),
+                            tokenizer=os.path.join(args.out, "vlm_tokenizer.json"))
+    test = make_dataset(args.test, seed=TEST_SEED)
+    result = evaluate(model, tok, test)
+    baselines = image_baselines(model, tok, test)
+    prior = text_prior(make_dataset(args.prior_train, seed=TRAIN_SEED + 7), test)
+    report = {
+        "test_samples": args.test, "test_seed": TEST_SEED,
+        "accuracy": result["accuracy"], "per_type": result["per_type"],
+        "text_only_prior": prior, "chance": chance(QTYPES), **baselines,
+        "params": n_params, "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+        "threads": args.threads, "train_seconds": round(train_s, 1), "train_cpu_seconds": round(train_cpu, 1),
+        "previous": previous, "versions": _versions(),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "vprune.testbed.train_vlm"] + sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "log": log,
+    }
+    with open(os.path.join(args.out, "vlm_train.json"), "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
+    print(json.dumps({k: report[k] for k in ("accuracy", "per_type", "text_only_prior", "chance", "blank_image",
+                                             "shuffled_image", "train_seconds", "train_cpu_seconds")}, indent=1), flush=True)
+    return report
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--val", type=int, default=256, help="validation samples checked during training")
+    p.add_argument("--test", type=int, default=1000, help="held-out test samples checked at the end")
+    p.add_argument("--prior-train", type=int, default=5000, help="samples the text-only prior is fitted on")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--out", default=V.HERE)
+    p.add_argument("--init", default=None,
+                   help="continue training from the files of an earlier run (a folder with vlm.safetensors and vlm_train.json)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(parse_args())
