@@ -61,4 +61,7 @@ def __getattr__(name: str) -> Any:  # lazy: importing vprune.testbed stays cheap
     if name in ("TestbedVLAPolicy", "TestbedVLAConfig"):
         from . import policy
         return getattr(policy, name)
+    if name in ("load_vlm", "VLMTokenizer"):  # the testbed VLM (vlm.py, vqa.py)
+        from . import vlm
+        return getattr(vlm, name)
     raise AttributeError(name)
