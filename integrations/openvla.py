@@ -32,6 +32,9 @@ One control step (one ``predict_action`` / ``generate`` call) runs like this:
    columns gathered. At the action layer (default the middle one) a hook recomputes one query row per
    decode step (and the last prefill row, whose output is the first action token) over that layer's
    cached keys: the attention on the visual keys, 0 for pruned tokens, averaged over heads and rows.
+   A chunked / parallel-decoding action head (action-query tokens at the end of the prompt, decoded
+   in one forward) declares ``action_query_rows = R`` on the model or its config: the last R prefill
+   rows are then the action rows, and the semantic row is the prompt row before them.
 3. The next prefill (a new control step) first appends that mean to the history.
 
 Warm-up: the first ``warmup`` (default ``history``) control steps of an episode run unpruned but still
@@ -148,6 +151,7 @@ class _Runtime:
     action_sum: Optional[torch.Tensor] = None     # [B, N] sum of action rows this control step
     action_rows: int = 0
     decode_steps: int = 0
+    query_rows: int = 1                           # action-query rows at the end of the prefill
     control_steps: int = 0
     last: Optional[Dict[str, Any]] = None         # what the last prefill decided (tensors, for stats)
 
@@ -176,6 +180,19 @@ class _Runtime:
 
 
 _SIGNATURES: Dict[type, inspect.Signature] = {}
+
+
+def _action_query_rows(model: Any) -> int:
+    """How many trailing prefill rows are action queries: ``action_query_rows`` on the model or its
+    config (a chunked / parallel-decoding action head, e.g. OpenVLA-OFT's empty action tokens);
+    default 1, the last prompt row, whose output is the first autoregressive action token."""
+    for owner in (model, getattr(model, "config", None)):
+        value = getattr(owner, "action_query_rows", None) if owner is not None else None
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"action_query_rows={value!r} is invalid: allowed an int >= 1")
+            return value
+    return 1
 
 
 def _state_of(model: Any) -> Any:
@@ -383,6 +400,7 @@ class OpenVLAIntegration(Integration):
                 f"pixel_values has {channels} channels: allowed a multiple of {per_image} "
                 f"({'3 + 3 per image for the fused backbone' if rt.fused else '3 per image'})")
         batch = pixel_values.shape[0]
+        rt.query_rows = _action_query_rows(model)
         rt.warm = rt.history.begin_step(batch)
         rt.n_images = channels // per_image
         rt.text_mask = bound.get("attention_mask")
@@ -492,6 +510,8 @@ class OpenVLAIntegration(Integration):
             real = rt.mm_mask if rt.mm_mask is not None else torch.ones(b, length, dtype=torch.bool, device=device)
             if config.semantic == "last":
                 last = torch.where(real, pos, torch.full_like(pos, -1)).amax(dim=1)  # last real row
+                if rt.query_rows > 1:  # a chunked head: the last prompt row precedes the action queries
+                    last = (last - rt.query_rows).clamp_min(VISUAL_START + n)
                 rows = last.view(b, 1)
                 weights = None
             else:  # prefill_mean: every real row of the prefill
@@ -605,16 +625,19 @@ class OpenVLAIntegration(Integration):
             b, q_len = hidden.shape[:2]
             n = rt.visual_emb.shape[1]
             pruned_here = rt.keep_seq is not None and layer_idx >= rt.layer
+            n_rows = 1
             if rt.phase == "prefill":
-                # the last real prompt row, in this layer's (possibly pruned) sequence
+                # the last real prompt row (or the last ``action_query_rows`` rows of a chunked
+                # action head), in this layer's (possibly pruned) sequence
                 real = rt.mm_mask
                 if real is not None and pruned_here:
                     real = _gather_seq(real, rt.keep_seq, 1)
                 pos = torch.arange(q_len, device=hidden.device)
+                n_rows = min(rt.query_rows, q_len)
                 if real is None:
-                    rows = torch.full((b, 1), q_len - 1, dtype=torch.long, device=hidden.device)
+                    rows = pos[q_len - n_rows:].view(1, -1).expand(b, -1)
                 else:
-                    rows = torch.where(real, pos, torch.full_like(pos, -1)).amax(dim=1).view(b, 1)
+                    rows = torch.topk(torch.where(real, pos, torch.full_like(pos, -1)), n_rows, dim=1).values.flip(1)
                 q, k, scale = self._query_keys(module, layer_idx, args, kwargs, rows)
                 k = k[..., :q_len, :]
                 allowed = self._row_mask(kwargs, rows, k.shape[-2], rows, real)
@@ -635,8 +658,9 @@ class OpenVLAIntegration(Integration):
                 full = torch.zeros(b, n, dtype=vis.dtype, device=vis.device)
                 full.scatter_(1, rt.kept_visual, vis)
                 vis = full
+            vis = vis * n_rows  # a sum over rows: every action row weighs the same in the step's mean
             rt.action_sum = vis if rt.action_sum is None else rt.action_sum + vis
-            rt.action_rows += 1
+            rt.action_rows += n_rows
             return None
         return hook
 
@@ -669,11 +693,15 @@ class OpenVLAIntegration(Integration):
                 "warmup": bool(last["warm"][b]) if b < len(last["warm"]) else False,
                 "pruned": kept is not None, "layer": rt.layer,
             })
+        flops = self._flops_skipped(model, rt, last)
+        for s in per_sample:
+            s["flops_skipped"] = flops // max(1, last["batch"])
         out["per_sample"] = per_sample
         out["images"] = last["images"]
         out["budgets"] = last["budgets"]
         out["decode_steps"] = rt.decode_steps
-        out["flops_skipped"] = self._flops_skipped(model, rt, last)
+        out["action_query_rows"] = rt.query_rows
+        out["flops_skipped"] = flops
         return out
 
     def _flops_skipped(self, model: Any, rt: _Runtime, last: Dict[str, Any]) -> int:

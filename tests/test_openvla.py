@@ -519,3 +519,99 @@ def test_trained_testbed_policy_if_shipped():
         s = vprune.stats(policy)["per_sample"][0]
         assert s["visual_after"] == policy.config.num_patches // 4 and not s["warmup"]
     assert np.array_equal(policy.predict_action(**inputs), want)
+
+
+# --------------------------------------------------------------------- chunked heads / padding
+def test_chunked_action_head_uses_the_action_query_rows():
+    m = T.build(attn="eager", n_layers=4)
+    m.config.action_query_rows = 3
+    ids, pix = T.inputs(seed=17, prompt_len=8)
+    vprune.patch(m, vprune.VisualPruning(keep=1.0, layer=2, action_layer=1, warmup=0))
+    m(input_ids=ids, pixel_values=pix, use_cache=True)
+    rt = _runtime(m)
+    assert rt.action_rows == 3 and vprune.stats(m)["action_query_rows"] == 3
+    sem, act = rt.semantic.clone(), (rt.action_sum / rt.action_rows).clone()
+    vprune.unpatch(m)
+    patches = m.projector(m.vision_backbone(pix))
+    emb = m.get_input_embeddings()(ids)
+    mm = torch.cat([emb[:, :1], patches, emb[:, 1:]], dim=1)
+    att = m.language_model(inputs_embeds=mm, output_attentions=True).attentions
+    length, n = mm.shape[1], patches.shape[1]
+    torch.testing.assert_close(act, att[1][:, :, length - 3:, 1:1 + n].mean(1).mean(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sem, att[1][:, :, length - 4, 1:1 + n].mean(1), atol=1e-6, rtol=1e-5)
+    m.config.action_query_rows = 0
+    vprune.patch(m, keep=0.5)
+    with pytest.raises(ValueError, match="action_query_rows"):
+        m(input_ids=ids, pixel_values=pix)
+    vprune.unpatch(m)
+
+
+def test_left_padded_batch_matches_masked_reference():
+    """The testbed policy with a left-padded row: pruned logits of every real row equal the unpatched
+    model with the pruned visual columns (and the padding) hidden as keys from layer K on."""
+    m = _testbed(seed=1)
+    ids, pix = T.inputs(seed=18, batch=2, prompt_len=7)
+    ids[0, :2] = 0  # row 0: two pad tokens on the left, BOS after them
+    ids[0, 2] = 1
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    want_all, want_toks = _greedy(m, ids, pix, 2, mask=mask)
+    vprune.patch(m, vprune.VisualPruning(keep=1.0, warmup=0))
+    got_all, _ = _greedy(m, ids, pix, 2, mask=mask)
+    assert all(torch.equal(a, b) for a, b in zip(got_all, want_all))
+    vprune.unpatch(m)
+    vprune.patch(m, vprune.VisualPruning(keep=0.25, warmup=0))
+    got, toks = _greedy(m, ids, pix, 2, mask=mask)
+    st = vprune.stats(m)
+    k = st["layer"]
+    vprune.unpatch(m)
+    n = st["per_sample"][0]["visual_before"]
+    length = ids.shape[1] + n
+    pad = torch.zeros(2, length, dtype=torch.bool)
+    pad[0, 0] = True  # the first pad stays in front of the patches, the second follows them
+    pad[0, 1 + n] = True
+    blocked_pruned = pad.clone()
+    for b in range(2):
+        kept = st["per_sample"][b]["kept_indices"]
+        blocked_pruned[b, [1 + j for j in range(n) if j not in kept]] = True
+
+    def run(blocked_late, toks):
+        state = {"t": 0}
+
+        def hook_for(blocked):
+            def hook(mod, args, kwargs):
+                h = args[0] if args else kwargs["hidden_states"]
+                q_len = h.shape[1]
+                cols = length + (0 if q_len > 1 else state["t"])
+                keys = torch.zeros(2, cols, dtype=torch.bool)
+                keys[:, :length] = blocked
+                if q_len > 1:
+                    bad = torch.ones(q_len, cols, dtype=torch.bool).triu(1).unsqueeze(0) | keys.unsqueeze(1)
+                    bad = bad & ~torch.eye(q_len, cols, dtype=torch.bool).unsqueeze(0)  # pad rows: no NaN
+                else:
+                    bad = keys.unsqueeze(1)
+                kw = dict(kwargs)
+                kw["attention_mask"] = torch.zeros(bad.shape).masked_fill(bad, torch.finfo(torch.float32).min)[:, None]
+                return args, kw
+            return hook
+
+        handles = [layer.register_forward_pre_hook(hook_for(pad if i < k else blocked_late), with_kwargs=True)
+                   for i, layer in enumerate(_layers(m))]
+        try:
+            out = m(input_ids=ids, pixel_values=pix, attention_mask=mask, use_cache=True)
+            logits, cache, am = [out.logits[:, -1]], _cache_of(out), mask
+            for tok in toks:
+                state["t"] += 1
+                am = torch.cat([am, am.new_ones(2, 1)], dim=1)
+                out = m(input_ids=tok, past_key_values=cache, attention_mask=am, use_cache=True)
+                logits.append(out.logits[:, -1])
+                cache = _cache_of(out)
+        finally:
+            for h in handles:
+                h.remove()
+        return logits
+
+    for a, b in zip(run(pad, want_toks), want_all):  # the reference machinery reproduces the host itself
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    for a, b in zip(got, run(blocked_pruned, toks)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
