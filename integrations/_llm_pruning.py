@@ -1,8 +1,8 @@
 """Visual token pruning inside a transformers decoder-layer stack (FastV-style, at layer K).
 
-Tested on transformers 5.24 (CPU, fp32/bf16/fp16) and written for 5.17+ (the GPU machines' version):
-the differences that matter (the cache keyword ``cache`` vs ``past_key_values``) are read through
-``integrations._compat``.
+Tested on transformers 5.24 and 5.17 (CPU, fp32/bf16/fp16; the whole test suite runs on both): the
+difference that matters between them (the cache keyword ``cache`` vs ``past_key_values``) is read
+through ``integrations._compat``.
 
 What happens in a patched prefill (one call of the host model with visual tokens and an empty cache):
 
@@ -279,6 +279,7 @@ class LLMPruner:
         self.attention_of = attention_of
         self.host_name = host_name
         self.base_attention = _compat.attn_implementation(text_config)
+        self.attention_name: Optional[str] = None
         self.seq: Optional[SequenceMap] = None
         self.call: Optional[CallScratch] = None
         self.last: Optional[Dict[str, Any]] = None
@@ -320,6 +321,7 @@ class LLMPruner:
         """
         self.check()
         name = _acquire_attention_name(self.base_attention)
+        self.attention_name = name
         undo.on_undo(lambda: _release_attention_name(name), f"attention name {name}")
         configs = {id(self.text_config): self.text_config}
         for layer in self.layers:
@@ -336,6 +338,11 @@ class LLMPruner:
             undo.add_hook(self.layers[i].register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
 
     # ------------------------------------------------------------------------------ per call
+    def reset(self) -> None:
+        """Forget the pruned-prefill record and the last call's stats (a new request / episode)."""
+        self.seq = None
+        self.last = None
+
     def begin_call(self, groups: Optional[Groups], *, batch: int, seq_len: int, device: torch.device,
                    attention_mask: Optional[torch.Tensor] = None, cache_len: int = 0) -> None:
         """Start one host forward.
@@ -531,6 +538,12 @@ class LLMPruner:
             if call is None or call.plan is None:
                 return None
             if index == self.layer:
+                current = _compat.attn_implementation(self.text_config)
+                if current != self.attention_name:
+                    raise MissingInputsError(
+                        f"{self.host_name}: the language model's attention implementation is {current!r}, not "
+                        f"vprune's {self.attention_name!r} (was it changed after patching?): vprune never ran "
+                        f"through its attention function, so it cannot prune; unpatch and patch again")
                 call.keep = self._select(call)
             if call.keep is None:
                 return None

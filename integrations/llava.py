@@ -1,6 +1,6 @@
 """LLaVA (transformers ``LlavaForConditionalGeneration``): visual token pruning inside the LLM.
 
-Tested on transformers 5.24 (CPU; tiny random-weight models in tests/test_llava.py); written for 5.17+.
+Tested on transformers 5.24 and 5.17 (CPU; tiny random-weight models in tests/test_llava.py).
 The machinery is ``integrations._llm_pruning``; this file only finds the image tokens
 (``config.image_token_id`` in ``input_ids``; one image = ``image_seq_length`` or
 ``tokens / pixel_values.shape[0]`` consecutive tokens), the text model and its decoder layers.
@@ -130,9 +130,18 @@ class VLMIntegration(Integration):
     def target_tokens(self, model: Any) -> List[str]:
         return [f"image tokens (id {model.config.image_token_id})"]
 
+    def call_target(self, model: Any) -> Any:
+        """The module whose forward sees input_ids, pixel values, mask and cache: the inner multimodal
+        model (``model.model``) when there is one, so that calling it directly is pruned too."""
+        inner = getattr(model, "model", None)
+        if inner is not None and hasattr(inner, "language_model") and hasattr(inner, "forward"):
+            return inner
+        return model
+
     def _install_call_hooks(self, model: Any, pruner: LLMPruner, state: Any) -> None:
+        target = self.call_target(model)
         try:
-            signature = inspect.signature(type(model).forward)
+            signature = inspect.signature(type(target).forward)
             params = [p for p in list(signature.parameters)[1:]]
         except (TypeError, ValueError):
             params = ["input_ids"]
@@ -153,8 +162,8 @@ class VLMIntegration(Integration):
             pruner.end_call(failed=output is None)
             return None
 
-        state.undo.add_hook(model.register_forward_pre_hook(pre, with_kwargs=True))
-        state.undo.add_hook(model.register_forward_hook(post, with_kwargs=True, always_call=True))
+        state.undo.add_hook(target.register_forward_pre_hook(pre, with_kwargs=True))
+        state.undo.add_hook(target.register_forward_hook(post, with_kwargs=True, always_call=True))
 
     # ------------------------------------------------------------------------------ per call
     def visual_mask(self, model: Any, input_ids: Any) -> Any:
@@ -184,16 +193,17 @@ class VLMIntegration(Integration):
                               device=ref.device if ref is not None else None, cache_len=cache_len)
             return
         groups = None
-        if cache_len == 0 or self.has_visual_inputs(inputs):
+        visual_inputs = self.has_visual_inputs(inputs)
+        if cache_len == 0 or visual_inputs:
             vis = self.visual_mask(model, input_ids)
-            n_visual = int(vis.sum())
+            n_visual = int(vis.sum())  # one host sync per prefill
             if n_visual == 0:
-                if self.has_visual_inputs(inputs):
+                if visual_inputs and cache_len == 0:
                     raise MissingInputsError(
                         f"{type(model).__name__}: pixel_values were given but input_ids contain no image token "
                         f"({self.target_tokens(model)[0]}); the prompt must hold the processor's image placeholders")
             else:
-                if cache_len == 0 and not self.has_visual_inputs(inputs) and embeds is None:
+                if cache_len == 0 and not visual_inputs and embeds is None:
                     warnings.warn(
                         f"{type(model).__name__}: input_ids hold {n_visual} image tokens but no pixel_values were "
                         f"given, so the vision tower did not run; pruning the placeholder embeddings",
@@ -201,6 +211,10 @@ class VLMIntegration(Integration):
                 groups = groups_from_mask(vis, split=self.split_size(model, inputs, n_visual), token_ids=input_ids)
         pruner.begin_call(groups, batch=input_ids.shape[0], seq_len=input_ids.shape[1], device=input_ids.device,
                           attention_mask=inputs.get("attention_mask"), cache_len=cache_len)
+
+    def reset(self, model: Any, state: Any) -> None:
+        """A new request: forget the pruned-prefill record (the next call with an empty cache sets it)."""
+        state.runtime.reset()
 
     # --------------------------------------------------------------------------------- stats
     def stats(self, model: Any, state: Any) -> Dict[str, Any]:
@@ -210,7 +224,7 @@ class VLMIntegration(Integration):
 
 class LlavaIntegration(VLMIntegration):
     name = "llava"
-    tested_on = "transformers 5.24 (written for 5.17+)"
+    tested_on = "transformers 5.17, 5.24"
 
     def split_size(self, model: Any, inputs: Dict[str, Any], n_visual: int) -> Optional[int]:
         """Tokens per image: consecutive images are told apart by count (LLaVA has no separator)."""

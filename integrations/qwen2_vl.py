@@ -1,8 +1,7 @@
 """Qwen2-VL and Qwen2.5-VL (transformers ``Qwen2VLForConditionalGeneration``,
 ``Qwen2_5_VLForConditionalGeneration``): visual token pruning inside the LLM.
 
-Tested on transformers 5.24 (CPU; tiny random-weight models in tests/test_qwen2_vl.py); written for
-5.17+. Visual tokens are the image pads (``config.image_token_id``) and video pads
+Tested on transformers 5.24 and 5.17 (CPU; tiny random-weight models in tests/test_qwen2_vl.py). Visual tokens are the image pads (``config.image_token_id``) and video pads
 (``config.video_token_id``); each contiguous run between vision_start and vision_end is one image
 (or one video) with its own budget. Kept tokens keep their mRoPE positions: the text model's cos/sin
 rows are sliced, never recomputed, and ``model.rope_deltas`` is left alone (decoding continues from
@@ -17,7 +16,7 @@ from .llava import VLMIntegration, _has_encoder_outputs
 
 class Qwen2VLIntegration(VLMIntegration):
     name = "qwen2_vl"
-    tested_on = "transformers 5.24 (written for 5.17+)"
+    tested_on = "transformers 5.17, 5.24"
     required_config_attrs: Tuple[str, ...] = ("image_token_id",)
 
     def visual_mask(self, model: Any, input_ids: Any) -> Any:

@@ -273,7 +273,7 @@ def test_attention_implementation_changed_after_patching_is_an_error(model, inpu
         patched_name = cfg._attn_implementation
         object.__setattr__(cfg, "_attn_implementation_internal", "sdpa")
         try:
-            with pytest.raises(MissingInputsError, match="never ran through vprune"):
+            with pytest.raises(MissingInputsError, match="attention implementation is 'sdpa'"):
                 with torch.no_grad():
                     model(**inputs)
         finally:
@@ -305,3 +305,13 @@ def test_half_precision_runs(dtype):
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert gen.shape[1] == inp["input_ids"].shape[1] + 3
     assert st["visual_tokens_after"] == [4, 4]
+
+
+def test_inner_model_call_is_pruned_and_reset_clears_the_record(model, inputs):
+    with vprune.patched(model, keep=0.25):
+        with torch.no_grad():
+            out = model.model(**inputs)  # LlavaModel directly: the hooks sit there
+        assert out.last_hidden_state.shape[1] == inputs["input_ids"].shape[1] - 12
+        assert vprune.stats(model)["pruned"]
+        vprune.reset(model)
+        assert vprune.stats(model)["pruned"] is False
