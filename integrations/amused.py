@@ -1,0 +1,238 @@
+"""NATCache for diffusers' aMUSEd transformer (``UVit2DModel`` inside ``AmusedPipeline``).
+
+Tested on: diffusers 0.42.1 (``AmusedPipeline`` lives under ``pipelines/deprecated`` there),
+torch 2.14; aMUSEd-256-shaped ``UVit2DModel`` (22 ``BasicTransformerBlock``s, width 1024, 16x16
+tokens) with random weights and tiny configs. Install with ``pip install vprune[diffusers]``; vprune
+itself imports without diffusers (the registry matches the class name ``UVit2DModel``).
+
+What is patched (all undone by ``vprune.unpatch``):
+
+* the model's class -> ``VPruneUVit2DModel``, whose ``forward`` plans each sampling step from
+  ``input_ids`` (mask = any id >= ``codebook_size``, which covers aMUSEd's mask id 8255) and a
+  fingerprint of the text conditioning, then runs the unchanged ``UVit2DModel.forward`` (or a
+  captured CUDA graph of it);
+* every ``transformer_layers[i].attn1.processor`` (self-attention) -> a processor that sends K/V
+  through the NAT cache, with the same ops as ``AttnProcessor2_0`` (full steps are bit-identical);
+* every ``transformer_layers[i].attn2.processor`` (cross-attention to the text) -> a processor that
+  computes the text K/V once per generation (full steps) and reuses them on the other steps;
+* a pre-hook on ``transformer_layers[0]`` (gathers the rows computed this step) and a hook on
+  ``transformer_layers[-1]`` (scatters them back over the cached output of the stack).
+
+The convolutional/attention down- and up-blocks and the MLM head run on all 256 tokens every
+step (the 22 layers are ~85% of the FLOPs). The pipeline's ``__call__`` is untouched: CFG runs as
+one concatenated [uncond; cond] batch, i.e. per-row state of one stream.
+
+Limitations: ``downsample``/``upsample`` variants (aMUSEd-512) are refused (stack tokens would not
+match ``input_ids`` one to one); only the default ``AttnProcessor2_0`` is supported (others: clear
+error); mode "disentangle" is exact (cached == uncached) only with ``num_res_blocks=0``, because the
+down-block's depthwise convolution and attention mix neighbouring tokens into the stack's input.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vprune.config import NATCache, TechniqueConfig
+from vprune.errors import IncompatibleModelError
+from vprune.integrations.registry import Integration
+
+_SUPPORTED_PROCESSORS = ("AttnProcessor2_0",)
+
+
+class NATSelfAttnProcessor:
+    """``AttnProcessor2_0`` for a stack self-attention, K/V through the NAT cache."""
+
+    def __init__(self, runtime: Any, layer: int) -> None:
+        self.runtime = runtime
+        self.layer = layer
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
+            raise ValueError("NATCache self-attention expects [B, N, C] hidden states without "
+                             "encoder_hidden_states/attention_mask")
+        b = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = self.runtime.attend(self.layer, query, key, value)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        return out / attn.rescale_output_factor
+
+
+class NATCrossAttnProcessor:
+    """``AttnProcessor2_0`` for the text cross-attention, text K/V computed once per generation."""
+
+    def __init__(self, runtime: Any, layer: int, original: Any) -> None:
+        self.runtime = runtime
+        self.layer = layer
+        self.original = original
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        if attention_mask is not None or encoder_hidden_states is None or hidden_states.ndim != 3:
+            return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                 attention_mask=attention_mask, temb=temb, *args, **kwargs)
+        b = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+
+        def text_kv() -> tuple:
+            ehs = encoder_hidden_states
+            if attn.norm_cross:
+                ehs = attn.norm_encoder_hidden_states(ehs)
+            key = attn.to_k(ehs)
+            value = attn.to_v(ehs)
+            hd = key.shape[-1] // attn.heads
+            key = key.view(b, -1, attn.heads, hd).transpose(1, 2)
+            value = value.view(b, -1, attn.heads, hd).transpose(1, 2)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            return key, value
+
+        key, value = self.runtime.cached(("text_kv", self.layer), text_kv)
+        head_dim = key.shape[-1]
+        query = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        return out / attn.rescale_output_factor
+
+
+def _input_ids(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["input_ids"]
+
+
+def _kw(args: tuple, kwargs: dict, name: str, pos: int) -> Any:
+    return kwargs[name] if name in kwargs else (args[pos] if len(args) > pos else None)
+
+
+class AmusedIntegration(Integration):
+    name = "amused"
+    techniques = ("nat_cache",)
+    tested_on = "diffusers 0.42.1 (UVit2DModel, AmusedPipeline, AmusedScheduler)"
+
+    def check_structure(self, model: Any) -> None:
+        cfg = getattr(model, "config", None)
+        layers = getattr(model, "transformer_layers", None)
+        if cfg is None or layers is None or len(layers) == 0:
+            raise IncompatibleModelError(
+                f"{type(model).__name__} has no `config` or no non-empty `transformer_layers`: "
+                "not a diffusers UVit2DModel this integration knows")
+        if getattr(cfg, "downsample", False) or getattr(cfg, "upsample", False):
+            raise IncompatibleModelError(
+                f"UVit2DModel with downsample={cfg.downsample}, upsample={cfg.upsample} is not supported: "
+                "NATCache needs stack tokens that match input_ids one to one (aMUSEd-256 layout)")
+        if not isinstance(getattr(cfg, "codebook_size", None), int):
+            raise IncompatibleModelError("UVit2DModel.config has no int codebook_size")
+        for i, blk in enumerate(layers):
+            for name in ("attn1", "attn2"):
+                attn = getattr(blk, name, None)
+                if attn is None:
+                    raise IncompatibleModelError(f"transformer_layers[{i}] has no {name}")
+                proc = type(getattr(attn, "processor", None)).__name__
+                if proc not in _SUPPORTED_PROCESSORS:
+                    raise IncompatibleModelError(
+                        f"transformer_layers[{i}].{name} uses attention processor {proc}: NATCache "
+                        f"supports {list(_SUPPORTED_PROCESSORS)} (call model.set_attn_processor("
+                        "AttnProcessor2_0()) first)")
+                bad = [a for a in ("spatial_norm", "group_norm") if getattr(attn, a, None) is not None]
+                if getattr(attn, "residual_connection", False):
+                    bad.append("residual_connection")
+                if bad:
+                    raise IncompatibleModelError(f"transformer_layers[{i}].{name} uses unsupported {bad}")
+            if getattr(blk, "only_cross_attention", False) or getattr(blk, "pos_embed", None) is not None:
+                raise IncompatibleModelError(
+                    f"transformer_layers[{i}] uses only_cross_attention/pos_embed, which NATCache does not support")
+
+    def default_config(self, model: Any, **overrides: Any) -> TechniqueConfig:
+        return NATCache(**overrides)
+
+    def apply(self, model: Any, config: TechniqueConfig, state: Any) -> None:
+        from vprune import nat
+
+        layers = list(model.transformer_layers)
+        rt = nat.install(model, state, config, blocks=layers, tag="amused",
+                         mask_fn=self._mask, cond_fn=self._cond, conf_fn=self._conf)
+        for i, blk in enumerate(layers):
+            state.undo.set_attr(blk.attn1, "processor", NATSelfAttnProcessor(rt, i))
+            state.undo.set_attr(blk.attn2, "processor", NATCrossAttnProcessor(rt, i, blk.attn2.processor))
+            state.targets.append(f"transformer_layers.{i}.attn1")
+        if config.mode == "disentangle" and getattr(model.config, "num_res_blocks", 0) > 0:
+            state.skipped.append(
+                "disentangle is approximate here: the down-block (num_res_blocks="
+                f"{model.config.num_res_blocks}) mixes neighbouring tokens into the stack input")
+
+    @staticmethod
+    def _mask(model: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        ids = _input_ids(args, kwargs)
+        return (ids >= model.config.codebook_size).reshape(ids.shape[0], -1)
+
+    @staticmethod
+    def _cond(model: Any, args: tuple, kwargs: dict) -> Sequence[torch.Tensor]:
+        return [_kw(args, kwargs, "encoder_hidden_states", 1), _kw(args, kwargs, "pooled_text_emb", 2),
+                _kw(args, kwargs, "micro_conds", 3)]
+
+    @staticmethod
+    def _conf(model: Any, logits: torch.Tensor) -> torch.Tensor:
+        b = logits.shape[0]
+        return logits.float().softmax(1).amax(1).reshape(b, -1)
+
+    def reset(self, model: Any, state: Any) -> None:
+        state.runtime.reset()
+
+    def stats(self, model: Any, state: Any) -> Dict[str, Any]:
+        return state.runtime.summary()
+
+
+# ----------------------------------------------------------------------------- sampling loop
+
+@torch.no_grad()
+def amused_generate(transformer: Any, scheduler: Any, encoder_hidden_states: torch.Tensor,
+                    pooled_text_emb: torch.Tensor, micro_conds: torch.Tensor, *, batch: int, grid: int,
+                    steps: int = 12, guidance: float = 10.0, generator: Optional[torch.Generator] = None,
+                    temperature: Any = (2, 0)) -> torch.Tensor:
+    """``AmusedPipeline``'s denoising loop without text encoder and VQ decoder (tests, benchmarks).
+
+    encoder_hidden_states ``[B', T, E]``, pooled_text_emb ``[B', P]``, micro_conds ``[B', 5]`` with
+    ``B' = 2 * batch`` ([uncond; cond]) when ``guidance > 1`` else ``batch``. Returns token ids
+    ``[batch, grid, grid]``.
+    """
+    device = encoder_hidden_states.device
+    latents = torch.full((batch, grid, grid), scheduler.config.mask_token_id, dtype=torch.long, device=device)
+    scheduler.set_timesteps(steps, temperature, device)
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents] * 2) if guidance > 1.0 else latents
+        out = transformer(model_input, micro_conds=micro_conds, pooled_text_emb=pooled_text_emb,
+                          encoder_hidden_states=encoder_hidden_states)
+        if guidance > 1.0:
+            unc, con = out.chunk(2)
+            out = unc + guidance * (con - unc)
+        latents = scheduler.step(model_output=out, timestep=t, sample=latents, generator=generator).prev_sample
+    return latents
+
+
+def amused_256_config() -> Dict[str, Any]:
+    """UVit2DModel config of the released aMUSEd-256 transformer (shapes only; no weights)."""
+    return dict(hidden_size=1024, use_bias=False, hidden_dropout=0.0, cond_embed_dim=768,
+                micro_cond_encode_dim=256, micro_cond_embed_dim=1280, encoder_hidden_size=768,
+                vocab_size=8256, codebook_size=8192, in_channels=768, block_out_channels=768,
+                num_res_blocks=3, downsample=False, upsample=False, block_num_heads=12,
+                num_hidden_layers=22, num_attention_heads=16, attention_dropout=0.0,
+                intermediate_size=2816, layer_norm_eps=1e-6, ln_elementwise_affine=True, sample_size=16)
