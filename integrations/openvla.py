@@ -69,6 +69,7 @@ import torch
 
 from vprune.config import TechniqueConfig, VisualPruning
 from vprune.errors import IncompatibleModelError, MissingInputsError
+from vprune.kernels import gather_rows
 from vprune.integrations import _compat
 from vprune.integrations.registry import Integration
 from vprune.scoring import attention_row_scores
@@ -576,7 +577,7 @@ class OpenVLAIntegration(Integration):
             kw = dict(kwargs)
             if rt.phase == "prefill":
                 if hidden.shape[1] == length:
-                    args, kw = _compat.with_layer_hidden(args, kw, _gather_seq(hidden, keep, 1))
+                    args, kw = _compat.with_layer_hidden(args, kw, gather_rows(hidden, keep, 1))
                 elif hidden.shape[1] != keep.shape[1]:
                     raise RuntimeError(f"pruned layer got {hidden.shape[1]} tokens, expected {length} or "
                                        f"{keep.shape[1]}")
