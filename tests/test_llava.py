@@ -39,8 +39,9 @@ def _snapshot(m):
 
 
 def _greedy(m, inp, n=5, **kw):
+    """Greedy decode that never emits the image token (a reference re-run must not see new images)."""
     with torch.no_grad():
-        return m.generate(**inp, max_new_tokens=n, do_sample=False, **kw)
+        return m.generate(**inp, max_new_tokens=n, do_sample=False, suppress_tokens=[LLAVA_IMAGE_TOKEN], **kw)
 
 
 def test_keep_all_is_bit_identical_logits_and_generate(model, inputs):

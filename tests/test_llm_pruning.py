@@ -238,3 +238,49 @@ def test_reuse_on_a_plain_llama_with_visual_tokens_after_bos():
         torch.testing.assert_close(out[b], ref[b, cols[b]], atol=1e-5, rtol=0)
     with torch.no_grad():  # undone: bit-identical again
         assert torch.equal(m(ids, attention_mask=am).logits, ref_full)
+
+
+# --------------------------------------------------------------- the Triton kernels (interpreted)
+_TRITON_CHILD = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from _tiny_models import LLAVA_IMAGE_TOKEN, llava_prompt, tiny_llava
+from _pruning_refs import kept_columns, masked_reference
+import vprune
+from vprune.kernels import backend_for
+assert backend_for(torch.zeros(1)) == "triton"
+m = tiny_llava(seed=7, attn="eager")
+inp = llava_prompt([[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]], [1, 1], seed=7)
+with vprune.patched(m, keep=0.25):
+    with torch.no_grad():
+        gen = m.generate(**inp, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         suppress_tokens=[LLAVA_IMAGE_TOKEN])
+    st = vprune.stats(m)
+seq, length = gen.sequences, inp["input_ids"].shape[1]
+n = seq.shape[1] - length
+cols = torch.cat([kept_columns(inp["input_ids"], inp["input_ids"] == LLAVA_IMAGE_TOKEN, st["kept_indices"]),
+                  torch.ones(2, n, dtype=torch.bool)], 1)
+am = torch.cat([inp["attention_mask"], torch.ones(2, n, dtype=torch.long)], 1)
+pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)
+ref = masked_reference(m, {"input_ids": seq, "attention_mask": am, "pixel_values": inp["pixel_values"],
+                           "position_ids": pos}, 2, cols)
+err = max(float((gen.logits[t] - ref[:, length - 1 + t]).abs().max()) for t in range(n))
+print("MAXERR", err)
+assert err < 1e-5, err
+"""
+
+
+def test_pruning_through_the_triton_kernels_matches_masked_reference():
+    """Selection and every gather (hidden states, cos/sin, eager float masks rows and columns) through
+    the Triton kernels, run by the interpreter in a child process (how they run on GPUs, minus the GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", VPRUNE_KERNELS="triton")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", _TRITON_CHILD, here], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "MAXERR" in proc.stdout

@@ -17,8 +17,9 @@ GRIDS = [[(4, 4)], [(4, 8), (4, 4)]]  # row 0: one 4-token image; row 1: an 8-to
 
 
 def _greedy(m, inp, n=4, **kw):
+    """Greedy decode that never emits vision special tokens (a reference re-run must not see new images)."""
     with torch.no_grad():
-        return m.generate(**inp, max_new_tokens=n, do_sample=False, **kw)
+        return m.generate(**inp, max_new_tokens=n, do_sample=False, suppress_tokens=[120, 121, 122, 123], **kw)
 
 
 def _snapshot(m):
