@@ -34,8 +34,11 @@ row drops the minimum over rows (a row without visual tokens means no row drops 
 Limits: attention implementations ``sdpa`` and ``eager`` only (FlashAttention's 2-D masks and
 flex_attention's BlockMask are refused at patch time); sliding-window layers at or after K-1 are
 refused; a plain forward of a patched model returns hidden states / logits of the pruned length
-(``labels=`` cannot apply); beam search with padding (which reorders cache rows) is not supported;
-visual tokens arriving with a non-empty cache (a second turn) are not pruned (a warning says so).
+(``labels=`` cannot apply); visual tokens arriving with a non-empty cache (a second turn) are not
+pruned (a warning says so). Beam search works: beams of one prompt share its keep set, so the
+cache reordering between beams keeps the mask columns valid. A StaticCache costs one host sync per
+step (reading its length); a DynamicCache none in decode. A prefill syncs a few times (locating the
+visual tokens, the padding, the NaN check of the scores).
 
 Reuse (OpenVLA, other Llama-style stacks): build an ``LLMPruner`` with the text model's config, its
 decoder layers and the strategy's row mode, ``install`` it with an undo log, and call
@@ -320,6 +323,13 @@ class LLMPruner:
         Every change goes through ``undo`` (an ``UndoLog``); undoing restores the model bit for bit.
         """
         self.check()
+        self.install_attention(undo)
+        self.install_layer_hooks(undo)
+
+    def install_attention(self, undo: Any) -> None:
+        """transformers >= 4.48: route the text model's attention through the registered ``vprune_*``
+        function, which calls ``on_attention`` with post-RoPE q/k before the stock function. (An
+        adapter for older versions calls ``on_attention`` from its own attention wrapper instead.)"""
         name = _acquire_attention_name(self.base_attention)
         self.attention_name = name
         undo.on_undo(lambda: _release_attention_name(name), f"attention name {name}")
@@ -332,6 +342,9 @@ class LLMPruner:
             _compat.set_attn_implementation(cfg, name, undo)
         for i, layer in enumerate(self.layers):
             undo.set_attr(self.attention_of(layer), ATTR_LINK, (self, i))
+
+    def install_layer_hooks(self, undo: Any) -> None:
+        """Forward pre-hooks: layer 0 (divprune's embeddings) and every layer >= K (the pruned inputs)."""
         if self.strategy == "divprune":
             undo.add_hook(self.layers[0].register_forward_pre_hook(self._layer0_pre_hook, with_kwargs=True))
         for i in range(self.layer, len(self.layers)):
@@ -367,8 +380,8 @@ class LLMPruner:
             if self.seq is not None and self.seq.keep.shape[0] != batch:
                 raise RuntimeError(
                     f"{self.host_name}: a decode step with batch {batch} follows a pruned prefill of batch "
-                    f"{self.seq.keep.shape[0]}; vprune cannot map the pruned cache rows (beam search and batch "
-                    f"changes between steps are not supported)")
+                    f"{self.seq.keep.shape[0]}; vprune cannot map the pruned cache rows (the batch must stay "
+                    f"the same between the prefill and its decode steps)")
             call.seq = self.seq
         self.call = call
 
@@ -539,7 +552,7 @@ class LLMPruner:
                 return None
             if index == self.layer:
                 current = _compat.attn_implementation(self.text_config)
-                if current != self.attention_name:
+                if self.attention_name is not None and current != self.attention_name:
                     raise MissingInputsError(
                         f"{self.host_name}: the language model's attention implementation is {current!r}, not "
                         f"vprune's {self.attention_name!r} (was it changed after patching?): vprune never ran "

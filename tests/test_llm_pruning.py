@@ -284,3 +284,25 @@ def test_pruning_through_the_triton_kernels_matches_masked_reference():
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "MAXERR" in proc.stdout
+
+
+def test_two_patched_models_share_the_attention_name_and_beams_work():
+    from transformers.modeling_utils import AttentionInterface
+
+    a, inp_a, _, _ = _host("llava", 8)
+    b, inp_b, _, _ = _host("qwen", 8)
+    with torch.no_grad():
+        ref_a = a.generate(**inp_a, max_new_tokens=3, num_beams=2, do_sample=False)
+    vprune.patch(a, keep=1.0)
+    vprune.patch(b, keep=0.25)
+    try:
+        with torch.no_grad():  # beams of one prompt share its keep set: cache reordering stays valid
+            assert torch.equal(a.generate(**inp_a, max_new_tokens=3, num_beams=2, do_sample=False), ref_a)
+            b.generate(**inp_b, max_new_tokens=3, num_beams=2, do_sample=False)
+        vprune.unpatch(a)
+        assert "vprune_sdpa" in AttentionInterface._global_mapping  # still used by b
+        with torch.no_grad():
+            assert b(**inp_b).logits.shape[1] < inp_b["input_ids"].shape[1]
+    finally:
+        vprune.unpatch(b)
+    assert "vprune_sdpa" not in AttentionInterface._global_mapping
