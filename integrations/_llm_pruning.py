@@ -84,18 +84,18 @@ def groups_from_mask(is_visual: torch.Tensor, split: Optional[int] = None,
     """Contiguous runs of visual tokens per row, as image groups (one host sync).
 
     is_visual: bool [B, L]. split: if given, a run that is a multiple of ``split`` long is cut into
-    chunks of ``split`` (several images placed back to back). token_ids: if given, a change of token id also starts a
-    new group (e.g. Qwen's image pad followed directly by a video pad).
+    chunks of ``split`` (several images placed back to back). token_ids: if given, a change of token
+    id also starts a new group (e.g. Qwen's image pad followed directly by a video pad).
     """
     vis = is_visual.detach().to("cpu", torch.bool)
     ids = token_ids.detach().to("cpu") if token_ids is not None else None
     out: Groups = []
     for b in range(vis.shape[0]):
-        row = vis[b]
-        pos = torch.nonzero(row).flatten().tolist()
+        pos = torch.nonzero(vis[b]).flatten().tolist()
+        row_ids = ids[b].tolist() if ids is not None else None
         runs: List[List[int]] = []
         for p in pos:
-            if runs and runs[-1][-1] == p - 1 and (ids is None or int(ids[b, p]) == int(ids[b, p - 1])):
+            if runs and runs[-1][-1] == p - 1 and (row_ids is None or row_ids[p] == row_ids[p - 1]):
                 runs[-1].append(p)
             else:
                 runs.append([p])
@@ -449,6 +449,8 @@ class LLMPruner:
                    for (n, k), (rows, plist) in sorted(by_size.items())]
 
         am = padding_from_mask(attention_mask, seq_len)
+        if am is not None and am.shape[0] != batch:
+            am = am.expand(batch, -1)  # a mask prepared once for the whole batch
         valid_len = [int(am[b].sum()) if am is not None else seq_len for b in range(batch)]
 
         score_rows = row_weights = None
