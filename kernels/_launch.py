@@ -20,6 +20,7 @@ from typing import Any, Dict, Hashable, Sequence, Tuple
 from ._triton import HAS_TRITON, INTERPRET, triton
 
 _ENABLED = HAS_TRITON and not INTERPRET
+DISABLED_REASON = "" if _ENABLED else "triton missing or TRITON_INTERPRET=1"
 
 
 def _hooks() -> Tuple[Any, Any]:
@@ -45,6 +46,7 @@ class FastLauncher:
     def __init__(self, fn: Any) -> None:
         self.fn = fn
         self.cache: Dict[Hashable, Any] = {}
+        self.fast_calls = 0  # launches that took the cached path (diagnostics for kernels/tune.py)
         self._driver = None
 
     def _stream(self) -> Any:
@@ -54,7 +56,7 @@ class FastLauncher:
         return d.get_current_stream(d.get_current_device())
 
     def __call__(self, key: Hashable, grid: Tuple[int, int, int], args: Sequence[Any], num_warps: int) -> None:
-        global _ENABLED
+        global _ENABLED, DISABLED_REASON
         if _ENABLED:
             ck = self.cache.get(key)
             if ck is not None:
@@ -63,9 +65,11 @@ class FastLauncher:
                     try:
                         ck.run(grid[0], grid[1], grid[2], self._stream(), ck.function, ck.packed_metadata,
                                None, None, None, *args)
+                        self.fast_calls += 1
                         return
-                    except (TypeError, AttributeError, ValueError, SystemError):
+                    except (TypeError, AttributeError, ValueError, SystemError) as exc:
                         _ENABLED = False  # unknown launcher convention: normal launches from now on
+                        DISABLED_REASON = f"{type(exc).__name__}: {exc}"
         ck = self.fn[grid](*args, num_warps=num_warps)
         if _ENABLED and ck is not None and hasattr(ck, "packed_metadata") and hasattr(ck, "function"):
             self.cache[key] = ck

@@ -80,9 +80,6 @@ MAX_REGISTER_BLOCK = 16384
 # fp32, N=16384 when tiled).
 TILE_BLOCK = 8192
 
-# Bits of the threshold settled per round (1 or 2); see the kernel. 2 halves the rounds.
-ROUND_BITS = 2
-
 # (view dtype, key bits, magnitude mask, +inf bits) per score dtype. The kernel reads the raw bits
 # through an integer view, so no float arithmetic runs on bf16/fp16 in the kernel.
 _KEY_LAYOUT = {
@@ -92,16 +89,29 @@ _KEY_LAYOUT = {
 }
 
 
-# Warps per row program by block size, from the H100 sweep in kernels/tune.py (graph device time):
-# 256 keys: 1 warp (2.7 us vs 3.5 with 2); 1024: 4 (4.2 vs 4.7 with 2, 4.4 with 8); 4096: 8 (7.0-7.2
-# vs 7.7 with 4 at B=64); 8192: 8 (10.5 vs 12.7 with 4); 16384: 16.
-_WARPS = {1: 1, 2: 1, 4: 1, 8: 1, 16: 1, 32: 1, 64: 1, 128: 1, 256: 1, 512: 2, 1024: 4, 2048: 4, 4096: 8,
-          8192: 8, 16384: 16}
+# (warps, threshold bits per round) per power-of-two block, from the H100 sweep in kernels/tune.py
+# (device time in a CUDA graph, triton 3.6, B=1 and 64, bf16 and fp32, N = 256..16384):
+# - 256 keys: 1 warp, 1 bit (bf16 2.7 us; 2 bits 3.2; 2 warps 3.4);
+# - 1024: 4 warps, 2 bits (bf16 4.0 vs 4.3 with 1 bit; fp32 5.8 vs 6.5): small blocks are
+#   reduction-latency bound, so halving the rounds pays;
+# - 4096: 8 warps, 1 bit (B=64 bf16 7.3 vs 7.5 with 2 bits, 7.7 with 4 warps; B=1 prefers 4 warps
+#   by 0.3 us); 8192: 8 warps, 1 bit (10.0-10.4 vs 11.3); 16384: 16 warps, 1 bit (17.9 vs 19.8):
+#   large blocks are bound by per-key work, which the packed int64 counts of 2-bit rounds double.
+# 512 and 2048 were not measured; they take their smaller neighbour's setting.
+_TUNED = {256: (1, 1), 512: (2, 2), 1024: (4, 2), 2048: (4, 1), 4096: (8, 1), 8192: (8, 1), 16384: (16, 1)}
+ROUND_BITS: Optional[int] = None  # None: per _TUNED; 1 or 2 forces it (tests, tune)
 
 
 def _num_warps(block: int) -> int:
-    """Warps per row program for a power-of-two block (see _WARPS)."""
-    return _WARPS.get(block, 16)
+    """Warps per row program for a power-of-two block (see _TUNED)."""
+    return _TUNED[max(256, min(block, 16384))][0]
+
+
+def _round_bits(block: int) -> int:
+    """Threshold bits settled per round for a power-of-two block (see _TUNED)."""
+    if ROUND_BITS is not None:
+        return ROUND_BITS
+    return _TUNED[max(256, min(block, 16384))][1]
 
 
 if HAS_TRITON:
@@ -228,7 +238,7 @@ def _config(dtype: torch.dtype, n: int) -> Tuple[Any, ...]:
         if block > MAX_REGISTER_BLOCK:
             block = TILE_BLOCK
             num_tiles = triton.cdiv(n, block)
-        round_bits = ROUND_BITS if n < (1 << 21) else 1  # 2-bit rounds pack counts in 21-bit fields
+        round_bits = _round_bits(block) if n < (1 << 21) else 1  # 2-bit rounds pack counts in 21-bit fields
         cfg = (view_dtype, key_bits, abs_mask, inf_bits, -(1 << (key_bits - 1)), block, num_tiles, round_bits,
                _num_warps(block))
         _CONFIGS[ck] = cfg

@@ -95,7 +95,12 @@ def main() -> int:
     x576 = torch.randn(1, 576, 4096, device=dev, dtype=torch.bfloat16)
     idx = select_topk(s576, 144)
     tiny = torch.zeros(1, device=dev)
-    from ._launch import fast_path_enabled
+    from . import _launch as L
+    from ._launch import fast_path_enabled, int_class, ptr_class
+
+    S.select_topk_triton(s576, 144)  # compile, and fill the launch cache
+    sel_key = next(iter(S._LAUNCH.cache))
+    sel_args = (s576.view(torch.int16), idx, idx, 576, 144, 0x7F80, 576, 144, 16, 0x7FFF, -32768, 1024, 1, False, 2)
 
     print(f"\n[host us per call, queued, no sync; fast launch path {fast_path_enabled()}]")
     for name, fn in [
@@ -106,16 +111,22 @@ def main() -> int:
         ("select_topk_triton", lambda: S.select_topk_triton(s576, 144)),
         ("select_topk_triton via JIT run", lambda: S._select_topk_kernel[(1,)](
             s576.view(torch.int16), idx, idx, 576, 144, 0x7F80, 576, 144, 16, 0x7FFF, -32768, 1024, 1, False,
-            S.ROUND_BITS, num_warps=4)),
+            2, num_warps=4)),
+        ("  launch only (cached key)", lambda: S._LAUNCH(sel_key, (1, 1, 1), sel_args, 4)),
+        ("  scores.view(int16)", lambda: s576.view(torch.int16)),
+        ("  key/ptr classes", lambda: (ptr_class(s576), ptr_class(idx), ptr_class(idx), int_class(576), int_class(144),
+                                       s576.get_device())),
         ("gather_rows public", lambda: gather_rows(x576, idx)),
         ("torch topk+sort", lambda: s576.topk(144, dim=1).indices.sort(dim=1).values),
         ("torch gather expanded", lambda: torch.gather(x576, 1, idx.unsqueeze(-1).expand(-1, -1, 4096))),
     ]:
-        print(f"  {name:<28} host {host_us(fn):7.2f}  loop {loop_us(fn):7.2f}")
+        print(f"  {name:<32} host {host_us(fn):7.2f}  loop {loop_us(fn):7.2f}")
+    print(f"  fast path enabled {L.fast_path_enabled()} ({L.DISABLED_REASON or 'ok'}); cached select launches "
+          f"{S._LAUNCH.fast_calls}, gather {G._LAUNCH.fast_calls}")
 
     print("\n[select: device us per call in a CUDA graph, by bits per round and warps per program]")
     saved_warps, saved_rb = S._num_warps, S.ROUND_BITS
-    ns = (576, 4096, 16384) if quick else (256, 576, 2304, 4096, 8192, 16384)
+    ns = (512, 2048, 4096) if quick else (256, 512, 576, 2048, 2304, 4096, 8192, 16384)
     for dt in (torch.bfloat16, torch.float32):
         for b in (1, 64):
             for n in ns:

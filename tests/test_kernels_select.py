@@ -69,7 +69,7 @@ def select_cases() -> Iterator[Tuple[str, str, int, int, int]]:
 
 # cases run through the tiled (long-row) code path by shrinking its block constants in the worker
 TILED_CASES = (("random", 1, 200, 77), ("ties", 2, 150, 75), ("nan", 1, 150, 120), ("equal", 1, 97, 50),
-               ("sorted", 1, 100, 1), ("reversed", 1, 100, 100))
+               ("reversed", 1, 100, 100))
 
 
 # ---- the child process ----------------------------------------------------------------------
@@ -97,19 +97,29 @@ def _worker() -> Dict[str, str]:
         base = _scores("random", 3, 400, dt, g)
         check(f"{dname}/strided-cols", base[:, ::2], 50)
         check(f"{dname}/row-slice", base[1:, 10:310], 75)
-        # long rows: one real tiled call (N=16384 > MAX_REGISTER_BLOCK) per key width (~0.5-1 s each)
-        if dt != torch.float16:
-            check(f"{dname}/tiled-real-N16384", _scores("ties", 1, 16384, dt, g), 4096)
+        # long rows (~0.5-1 s each): N=16384 in registers (16-bit keys), N=20000 tiled (32-bit keys)
+        if dt == torch.bfloat16:
+            check(f"{dname}/long-N16384", _scores("ties", 1, 16384, dt, g), 4096)
+        if dt == torch.float32:
+            check(f"{dname}/long-tiled-N20000", _scores("ties", 1, 20000, dt, g), 5000)
 
-    # the tiled code path at small N (many tiles, ties across tile borders)
-    saved = S.MAX_REGISTER_BLOCK, S.TILE_BLOCK
-    S.MAX_REGISTER_BLOCK, S.TILE_BLOCK = 32, 32
+    # the tiled code path at small N (many tiles, ties across tile borders), with 1 and 2 threshold
+    # bits per round; and the register path with the round width its block does not default to
+    saved = S.MAX_REGISTER_BLOCK, S.TILE_BLOCK, S.ROUND_BITS
     try:
-        for dname, dt in DTYPES.items():
-            for kind, b, n, k in TILED_CASES:
-                check(f"{dname}/tiled-{kind}-B{b}-N{n}-k{k}", _scores(kind, b, n, dt, g), k)
+        for rb in (1, 2):
+            S.MAX_REGISTER_BLOCK, S.TILE_BLOCK, S.ROUND_BITS = 32, 32, rb
+            for dname, dt in DTYPES.items():
+                for kind, b, n, k in TILED_CASES:
+                    check(f"{dname}/tiled-r{rb}-{kind}-B{b}-N{n}-k{k}", _scores(kind, b, n, dt, g), k)
+        S.MAX_REGISTER_BLOCK, S.TILE_BLOCK = saved[:2]
+        for rb in (1, 2):
+            S.ROUND_BITS = rb
+            for dname, dt in DTYPES.items():
+                for kind in ("ties", "nan"):
+                    check(f"{dname}/forced-r{rb}-{kind}", _scores(kind, 2, 300, dt, g), 100)
     finally:
-        S.MAX_REGISTER_BLOCK, S.TILE_BLOCK = saved
+        S.MAX_REGISTER_BLOCK, S.TILE_BLOCK, S.ROUND_BITS = saved
 
     # per-row k: k in {0, middle, k_max}, through the normal and the tiled path
     for dname, dt in DTYPES.items():
@@ -150,12 +160,16 @@ def test_triton_matches_reference(report: Dict[str, str], dname: str) -> None:
     _check(report, f"{dname}/")
 
 
-@pytest.mark.parametrize("group", ["tiled-", "per-row-", "strided-cols", "row-slice", "tiled-real"])
+@pytest.mark.parametrize("group", ["tiled-r1", "tiled-r2", "forced-r1", "forced-r2", "per-row-", "strided-cols",
+                                   "row-slice"])
 def test_triton_paths(report: Dict[str, str], group: str) -> None:
     for dname in DTYPES:
-        if group == "tiled-real" and dname == "fp16":
-            continue
         _check(report, f"{dname}/{group}")
+
+
+@pytest.mark.parametrize("case", ["bf16/long-N16384", "fp32/long-tiled-N20000"])
+def test_triton_long_rows(report: Dict[str, str], case: str) -> None:
+    _check(report, case)
 
 
 # ---- reference semantics (this process, no Triton) ------------------------------------------
