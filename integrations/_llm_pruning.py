@@ -34,7 +34,7 @@ row drops the minimum over rows (a row without visual tokens means no row drops 
 Limits: attention implementations ``sdpa`` and ``eager`` only (FlashAttention's 2-D masks and
 flex_attention's BlockMask are refused at patch time); sliding-window layers at or after K-1 are
 refused; a plain forward of a patched model returns hidden states / logits of the pruned length
-(``labels=`` cannot apply); visual tokens arriving with a non-empty cache (a second turn) are not
+(``labels=`` cannot apply: the VLM integrations raise a clear error); visual tokens arriving with a non-empty cache (a second turn) are not
 pruned (a warning says so). Beam search works: beams of one prompt share its keep set, so the
 cache reordering between beams keeps the mask columns valid. A StaticCache costs one host sync per
 step (reading its length); a DynamicCache none in decode. A prefill syncs a few times (locating the

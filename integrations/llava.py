@@ -26,6 +26,22 @@ def _path_get(obj: Any, path: str) -> Any:
     return obj
 
 
+def _binder(module: Any):
+    """A function (args, kwargs) -> {name: value} for ``module.forward``'s parameters."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        params = ["input_ids"]
+
+    def bind(args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        bound = dict(kwargs)
+        for name, value in zip(params, args):
+            bound.setdefault(name, value)
+        return bound
+
+    return bind
+
+
 def _has_encoder_outputs(inputs: Dict[str, Any]) -> bool:
     """transformers 5.2x can pass precomputed vision outputs (``mm_encoder_outputs``, a dict that
     ``generate`` may hand over empty)."""
@@ -140,23 +156,30 @@ class VLMIntegration(Integration):
 
     def _install_call_hooks(self, model: Any, pruner: LLMPruner, state: Any) -> None:
         target = self.call_target(model)
-        try:
-            signature = inspect.signature(type(target).forward)
-            params = [p for p in list(signature.parameters)[1:]]
-        except (TypeError, ValueError):
-            params = ["input_ids"]
-
-        def bind(args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-            bound = dict(kwargs)
-            for name, value in zip(params, args):
-                bound.setdefault(name, value)
-            return bound
+        bind = _binder(target)
 
         def pre(module, args, kwargs):
             inputs = bind(args, kwargs)
             state.calls += 1
             self.begin_call(model, pruner, inputs)
             return None
+
+        if target is not model:  # the outer forward computes a loss the pruned logits cannot match
+            bind_outer = _binder(model)
+
+            def guard(module, args, kwargs):
+                inputs = bind_outer(args, kwargs)
+                ids = inputs.get("input_ids")
+                if (inputs.get("labels") is not None and ids is not None
+                        and _compat.cache_seq_length(_compat.layer_cache(inputs)) == 0
+                        and bool(self.visual_mask(model, ids).any())):
+                    raise ValueError(
+                        f"{type(model).__name__} is patched by vprune: a prefill with visual tokens returns logits "
+                        f"of the pruned length, so labels= cannot apply; vprune.unpatch(model) (or use "
+                        f"vprune.patched(...) around inference only) to compute a loss")
+                return None
+
+            state.undo.add_hook(model.register_forward_pre_hook(guard, with_kwargs=True))
 
         def post(module, args, kwargs, output):
             pruner.end_call(failed=output is None)

@@ -316,3 +316,11 @@ def test_inner_model_call_is_pruned_and_reset_clears_the_record(model, inputs):
         assert vprune.stats(model)["pruned"]
         vprune.reset(model)
         assert vprune.stats(model)["pruned"] is False
+
+
+def test_labels_on_a_pruned_prefill_raise_a_clear_error(model, inputs):
+    with vprune.patched(model, keep=0.25):
+        with pytest.raises(ValueError, match="labels= cannot apply"):
+            model(**inputs, labels=inputs["input_ids"])
+    with torch.no_grad():  # unpatched: the loss works
+        assert model(**inputs, labels=inputs["input_ids"]).loss is not None
