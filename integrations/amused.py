@@ -191,8 +191,10 @@ class AmusedIntegration(Integration):
 
     @staticmethod
     def _conf(model: Any, logits: torch.Tensor) -> torch.Tensor:
+        # max softmax probability as exp(max - logsumexp): two reductions, no [B, V, H, W] float copy
         b = logits.shape[0]
-        return logits.float().softmax(1).amax(1).reshape(b, -1)
+        conf = (logits.amax(1).float() - torch.logsumexp(logits, dim=1).float()).exp()
+        return conf.reshape(b, -1)
 
     def reset(self, model: Any, state: Any) -> None:
         state.runtime.reset()

@@ -125,6 +125,18 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
+_FP_WEIGHTS: Dict[Tuple[int, str], torch.Tensor] = {}
+
+
+def _fp_weights(m: int, device: torch.device) -> torch.Tensor:
+    key = (m, str(device))
+    w = _FP_WEIGHTS.get(key)
+    if w is None:
+        w = torch.sin(torch.arange(1, m + 1, dtype=torch.float64) * 12.9898).add_(1.5).to(device)
+        _FP_WEIGHTS[key] = w
+    return w
+
+
 def _fingerprint(tensors: Sequence[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
     """One float64 number per row and conditioning tensor: a fixed pseudo-random projection."""
     parts = []
@@ -134,9 +146,7 @@ def _fingerprint(tensors: Sequence[torch.Tensor], batch: int) -> Optional[torch.
         flat = t.detach().reshape(t.shape[0], -1) if t.dim() > 0 else t.detach().reshape(1, 1)
         if flat.shape[0] != batch:
             flat = flat.reshape(1, -1).expand(batch, -1)
-        m = flat.shape[1]
-        w = torch.sin(torch.arange(1, m + 1, device=t.device, dtype=torch.float64) * 12.9898) + 1.5
-        parts.append((flat.double() * w).sum(1))
+        parts.append(flat.double() @ _fp_weights(flat.shape[1], t.device))
     if not parts:
         return None
     return torch.stack(parts, 1)
@@ -403,11 +413,13 @@ class NATRuntime:
              mask_fn: Callable[[tuple, dict], torch.Tensor],
              cond_fn: Callable[[tuple, dict], Sequence[torch.Tensor]]) -> Any:
         """Run one patched forward: host plan, then eager or a captured CUDA graph per (kind, k)."""
-        use_graph = (self.cuda_graphs and torch.cuda.is_available() and not torch.is_grad_enabled()
-                     and mask_fn(args, kwargs).is_cuda and not torch.cuda.is_current_stream_capturing())
-        if not use_graph:
+        if not (self.cuda_graphs and torch.cuda.is_available() and not torch.is_grad_enabled()
+                and not torch.cuda.is_current_stream_capturing()):
             return forward(*args, **kwargs)
-        plan = self.begin(mask_fn(args, kwargs), cond_fn(args, kwargs))
+        is_mask = mask_fn(args, kwargs)
+        if not is_mask.is_cuda:
+            return forward(*args, **kwargs)
+        plan = self.begin(is_mask, cond_fn(args, kwargs))
         self._prepared = True
         key = (plan.kind, plan.k, _signature(args, kwargs))
         entry = plan.stream.graphs.get(key)

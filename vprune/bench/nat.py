@@ -1,0 +1,234 @@
+"""Per-image time of NATCache modes vs vanilla on an aMUSEd-256-shaped UVit2DModel (GPU).
+
+    vprune bench nat [--quick | --tiny] [--batches 1,8,32] [--configs cache:4,reuse:4,...] [--json out.json]
+
+Builds diffusers' ``UVit2DModel`` with the released aMUSEd-256 shapes (22 blocks, width 1024,
+16x16 = 256 tokens, codebook 8192) and random fp16 weights on the GPU, and runs the
+``AmusedPipeline`` denoising loop (``AmusedScheduler``, cosine schedule, ``--steps`` 12) without text
+encoder and VQ decoder (random text embeddings, 77 tokens). Per batch size it times:
+
+* ``vanilla-eager``: the unpatched transformer, eager PyTorch;
+* ``vanilla-graph``: the unpatched transformer replayed from one captured CUDA graph per shape;
+* ``<mode>:<refresh>``: ``vprune.patch(model, NATCache(mode, refresh, cuda_graphs=True))`` (one
+  graph per step size; captured during the untimed warm-up generation), and with ``--eager-modes``
+  the same patches eagerly.
+
+Every setting runs one untimed warm-up generation (captures graphs) and ``--repeats`` timed ones;
+the table shows ms per image (= generation time / batch) and speedups vs vanilla-graph and
+vanilla-eager. Random weights say nothing about quality (``vprune eval nat`` measures that on the
+testbed); they do not change the work per step, which the schedule fixes. Needs CUDA and diffusers
+(``pip install vprune[diffusers]``); ``--tiny`` runs a tiny shape eagerly on the CPU (smoke test).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+DEFAULT_CONFIGS = "cache:4,cache:12,disentangle:12,reuse:3,reuse:4"
+TINY_SHAPE = dict(hidden_size=32, cond_embed_dim=16, micro_cond_encode_dim=4, micro_cond_embed_dim=20,
+                  encoder_hidden_size=16, vocab_size=40, codebook_size=32, in_channels=16, block_out_channels=16,
+                  num_res_blocks=1, block_num_heads=2, num_hidden_layers=3, num_attention_heads=2,
+                  intermediate_size=64, sample_size=8)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="batches 8 and 32, configs cache:12 and reuse:4, 2 repeats")
+    p.add_argument("--tiny", action="store_true", help="tiny shape, eager, on CPU (smoke test, no GPU needed)")
+    p.add_argument("--batches", default=None, help="comma-separated images per generation (default 1,8,32)")
+    p.add_argument("--configs", default=None, help=f"mode:refresh list (default {DEFAULT_CONFIGS})")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="classifier-free guidance scale; > 1 doubles the transformer batch (default 0: off)")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per setting (default 3)")
+    p.add_argument("--eager-modes", action="store_true", help="also time each NATCache config without CUDA graphs")
+    p.add_argument("--json", default="bench_nat.json", help="output JSON (default bench_nat.json)")
+
+
+def _parse_configs(text: str) -> List[Tuple[str, int]]:
+    out = []
+    for item in text.split(","):
+        mode, _, refresh = item.strip().partition(":")
+        out.append((mode, int(refresh or 4)))
+    return out
+
+
+class GraphedForward:
+    """The unpatched model replayed from one CUDA graph per input signature (the fair baseline)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.graphs: Dict[Any, Any] = {}
+        self.pool = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from vprune.nat import _clone, _copy_into, _signature
+
+        key = _signature(args, kwargs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            out = self.model(*args, **kwargs)
+            static_args, static_kwargs = _clone(args), _clone(kwargs)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            g = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g, pool=self.pool):
+                static_out = self.model(*static_args, **static_kwargs)
+            self.graphs[key] = (g, static_args, static_kwargs, static_out)
+            return out
+        g, static_args, static_kwargs, static_out = entry
+        _copy_into(static_args, args)
+        _copy_into(static_kwargs, kwargs)
+        g.replay()
+        return static_out.clone()
+
+
+def _inputs(batch: int, cfg: Dict[str, Any], guidance: float, device: str, dtype: torch.dtype):
+    b = 2 * batch if guidance > 1.0 else batch
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ehs = torch.randn(b, 77, cfg["encoder_hidden_size"], generator=g).to(device, dtype)
+    pooled = torch.randn(b, cfg["cond_embed_dim"], generator=g).to(device, dtype)
+    mc = torch.tensor([[256.0, 256.0, 0.0, 0.0, 6.0]]).expand(b, 5).to(device, dtype)
+    return ehs, pooled, mc
+
+
+def _time_generation(fn: Any, batch: int, cfg: Dict[str, Any], args: argparse.Namespace, device: str,
+                     dtype: torch.dtype, scheduler: Any) -> Dict[str, Any]:
+    from vprune.integrations.amused import amused_generate
+
+    ehs, pooled, mc = _inputs(batch, cfg, args.guidance, device, dtype)
+
+    def once(seed: int) -> None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        amused_generate(fn, scheduler, ehs, pooled, mc, batch=batch, grid=cfg["sample_size"], steps=args.steps,
+                        guidance=args.guidance, generator=gen)
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    once(0)
+    sync()
+    warm = time.perf_counter() - t0
+    times = []
+    for r in range(args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        once(r + 1)
+        sync()
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"warmup_s": warm, "gen_ms": [t * 1e3 for t in times], "ms_per_image": best * 1e3 / batch}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import diffusers
+        from diffusers import AmusedScheduler, UVit2DModel
+    except ImportError:
+        print("vprune bench nat needs diffusers: pip install 'vprune[diffusers]'", file=sys.stderr)
+        return 2
+    import vprune
+    from vprune.integrations.amused import amused_256_config
+
+    if args.tiny:
+        device, dtype, cfg = "cpu", torch.float32, dict(TINY_SHAPE)
+        torch.set_num_threads(1)
+        batches = [int(b) for b in (args.batches or "1,2").split(",")]
+        configs = _parse_configs(args.configs or "cache:4,reuse:3,disentangle:12")
+        use_graphs = False
+        args.repeats = min(args.repeats, 1)
+        args.steps = min(args.steps, 6)
+    else:
+        if not torch.cuda.is_available():
+            print("vprune bench nat needs a CUDA GPU (use --tiny for a CPU smoke run)", file=sys.stderr)
+            return 2
+        device, dtype, cfg = "cuda", torch.float16, amused_256_config()
+        if args.quick:
+            batches = [int(b) for b in (args.batches or "8,32").split(",")]
+            configs = _parse_configs(args.configs or "cache:12,reuse:4")
+            args.repeats = min(args.repeats, 2)
+        else:
+            batches = [int(b) for b in (args.batches or "1,8,32").split(",")]
+            configs = _parse_configs(args.configs or DEFAULT_CONFIGS)
+        use_graphs = True
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = UVit2DModel(**cfg)
+    model = model.to(dtype).eval()
+    scheduler = AmusedScheduler(mask_token_id=cfg["vocab_size"] - 1)
+    rows: List[Dict[str, Any]] = []
+    with torch.inference_mode():
+        for b in batches:
+            settings: List[Tuple[str, Any, Any]] = [("vanilla-eager", None, False)]
+            if use_graphs:
+                settings.append(("vanilla-graph", None, True))
+            for mode, refresh in configs:
+                if use_graphs:
+                    settings.append((f"{mode}:{refresh}", vprune.NATCache(mode=mode, refresh=refresh, cuda_graphs=True), True))
+                if args.eager_modes or not use_graphs:
+                    settings.append((f"{mode}:{refresh} eager", vprune.NATCache(mode=mode, refresh=refresh), False))
+            for name, nat_cfg, graphs in settings:
+                row: Dict[str, Any] = {"batch": b, "setting": name}
+                try:
+                    if nat_cfg is not None:
+                        vprune.patch(model, nat_cfg)
+                        fn = model
+                    else:
+                        fn = GraphedForward(model) if graphs else model
+                    row.update(_time_generation(fn, b, cfg, args, device, dtype, scheduler))
+                    if nat_cfg is not None:
+                        st = vprune.stats(model)
+                        row["tokens_computed_fraction"] = st["tokens_computed_fraction"]
+                        row["graphs_captured"] = st["graphs_captured"]
+                except Exception as exc:  # one failing setting must not hide the others
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                finally:
+                    if vprune.is_patched(model):
+                        vprune.unpatch(model)
+                    fn = None
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+    for b in batches:
+        base = {r["setting"]: r.get("ms_per_image") for r in rows if r["batch"] == b}
+        for r in rows:
+            if r["batch"] != b or "ms_per_image" not in r:
+                continue
+            if base.get("vanilla-graph"):
+                r["speedup_vs_vanilla_graph"] = base["vanilla-graph"] / r["ms_per_image"]
+            if base.get("vanilla-eager"):
+                r["speedup_vs_vanilla_eager"] = base["vanilla-eager"] / r["ms_per_image"]
+
+    print(f"\n{'batch':>5} {'setting':<22} {'ms/image':>9} {'vs graph':>9} {'vs eager':>9} {'computed':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['batch']:>5} {r['setting']:<22} ERROR {r['error']}")
+            continue
+        fmt = lambda v, s="x": f"{v:.2f}{s}" if isinstance(v, float) else "-"  # noqa: E731
+        print(f"{r['batch']:>5} {r['setting']:<22} {r['ms_per_image']:>9.2f} {fmt(r.get('speedup_vs_vanilla_graph')):>9} "
+              f"{fmt(r.get('speedup_vs_vanilla_eager')):>9} {fmt(r.get('tokens_computed_fraction'), ''):>9}")
+
+    report = {
+        "benchmark": "nat", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv), "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "vprune": vprune.__version__,
+                     "python": platform.python_version(), "cuda": torch.version.cuda},
+        "shape": cfg, "dtype": str(dtype), "steps": args.steps, "guidance": args.guidance, "repeats": args.repeats,
+        "note": "random weights; per-image time = best generation time / batch; transformer + AmusedScheduler loop "
+                "only (no text encoder, no VQ decoder)",
+        "results": rows,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0 if all("error" not in r for r in rows) else 1
