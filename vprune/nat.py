@@ -206,7 +206,7 @@ class NATRuntime:
         self.dev: Optional[DevicePlan] = None
         self._tick = 0
         self._prepared = False
-        self.graph_pool = None
+        self.graph_backend: Any = CudaGraphBackend()
         self.history: List[Dict[str, Any]] = []   # host-side: kind/k/n per call (bounded)
         self.tokens_computed = 0
         self.tokens_total = 0
@@ -413,41 +413,39 @@ class NATRuntime:
              mask_fn: Callable[[tuple, dict], torch.Tensor],
              cond_fn: Callable[[tuple, dict], Sequence[torch.Tensor]]) -> Any:
         """Run one patched forward: host plan, then eager or a captured CUDA graph per (kind, k)."""
-        if not (self.cuda_graphs and torch.cuda.is_available() and not torch.is_grad_enabled()
-                and not torch.cuda.is_current_stream_capturing()):
+        backend = self.graph_backend
+        if not (self.cuda_graphs and not torch.is_grad_enabled() and backend.usable()):
             return forward(*args, **kwargs)
         is_mask = mask_fn(args, kwargs)
-        if not is_mask.is_cuda:
+        if not backend.on_device(is_mask):
             return forward(*args, **kwargs)
         plan = self.begin(is_mask, cond_fn(args, kwargs))
-        self._prepared = True
         key = (plan.kind, plan.k, _signature(args, kwargs))
         entry = plan.stream.graphs.get(key)
         if entry is None:
+            self._prepared = True
             out = forward(*args, **kwargs)        # the real step, eagerly (also warms up kernels)
-            self._capture(plan, key, forward, args, kwargs)
+            static_args, static_kwargs = _clone(args), _clone(kwargs)
+
+            def body() -> Any:
+                self.host = plan
+                self._prepared = True
+                try:
+                    return forward(*static_args, **static_kwargs)
+                finally:
+                    self.host = None
+                    self._prepared = False
+
+            graph, static_out = backend.capture(body, self)
+            plan.stream.graphs[key] = (graph, static_args, static_kwargs, static_out)
             return out
         graph, static_args, static_kwargs, static_out = entry
         _copy_into(static_args, args)
         _copy_into(static_kwargs, kwargs)
-        graph.replay()
-        self.host = None
-        return _clone(static_out)
-
-    def _capture(self, plan: HostPlan, key: Any, forward: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-        static_args = _clone(args)
-        static_kwargs = _clone(kwargs)
-        if self.graph_pool is None:
-            self.graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        self.host = plan
-        self._prepared = True
-        with torch.cuda.graph(graph, pool=self.graph_pool):
-            static_out = forward(*static_args, **static_kwargs)
+        backend.replay(graph)
         self.host = None
         self._prepared = False
-        plan.stream.graphs[key] = (graph, static_args, static_kwargs, static_out)
+        return _clone(static_out)
 
     def prepare_in_forward(self, is_mask: torch.Tensor, cond: Sequence[torch.Tensor]) -> DevicePlan:
         """Called by the integration's model pre-hook: plan (unless the graph wrapper did), then build."""
@@ -465,6 +463,33 @@ class NATRuntime:
             "tokens_computed_fraction": (self.tokens_computed / self.tokens_total) if self.tokens_total else None,
             "graphs_captured": sum(len(s.graphs) for s in self.streams),
         }
+
+
+class CudaGraphBackend:
+    """How ``NATRuntime.call`` captures and replays steps (a seam so tests can check the
+    bookkeeping on CPU with a stand-in that re-runs the captured Python body)."""
+
+    def __init__(self) -> None:
+        self.pool = None
+
+    def usable(self) -> bool:
+        return torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
+
+    def on_device(self, t: torch.Tensor) -> bool:
+        return t.is_cuda
+
+    def capture(self, body: Callable[[], Any], runtime: "NATRuntime") -> Tuple[Any, Any]:
+        """Record ``body()`` (not executed: a capture has no device side effects) -> (graph, static output)."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = body()
+        return graph, out
+
+    def replay(self, graph: Any) -> None:
+        graph.replay()
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],

@@ -238,7 +238,7 @@ def mask_schedule(n_tokens: int, steps: int) -> list:
 
 
 @torch.no_grad()
-def sample(model: nn.Module, labels: torch.Tensor, steps: int = 12, guidance: float = 2.0,
+def sample(model: nn.Module, labels: torch.Tensor, steps: int = 12, guidance: float = 3.0,
            temperature: Tuple[float, float] = (2.0, 0.0), seed: int = 0, cfg: str = "batch",
            return_trace: bool = False):
     """Generate token grids ``[B, N]`` for class ``labels`` ``[B]``.
