@@ -23,10 +23,19 @@ _ENABLED = HAS_TRITON and not INTERPRET
 DISABLED_REASON = "" if _ENABLED else "triton missing or TRITON_INTERPRET=1"
 
 
-def _hooks() -> Tuple[Any, Any]:
-    knobs = getattr(triton, "knobs", None)
-    rt = getattr(knobs, "runtime", None)
-    return getattr(rt, "launch_enter_hook", None), getattr(rt, "launch_exit_hook", None)
+_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None) if HAS_TRITON else None
+
+
+def _no_launch_hooks() -> bool:
+    """True when no launch hook (a profiler such as proton) is installed. Since triton 3.4 the
+    hooks are ``HookChain`` objects that are never None; an empty chain has no ``calls``."""
+    rt = _RUNTIME_KNOBS
+    if rt is None:  # triton < 3.4: hooks live on CompiledKernel; assume none (the JIT passes None too)
+        return True
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
 
 
 def int_class(v: int) -> Tuple[bool, bool, bool]:
@@ -60,8 +69,7 @@ class FastLauncher:
         if _ENABLED:
             ck = self.cache.get(key)
             if ck is not None:
-                enter, exit_ = _hooks()
-                if enter is None and exit_ is None:
+                if _no_launch_hooks():
                     try:
                         ck.run(grid[0], grid[1], grid[2], self._stream(), ck.function, ck.packed_metadata,
                                None, None, None, *args)

@@ -89,16 +89,16 @@ _KEY_LAYOUT = {
 }
 
 
-# (warps, threshold bits per round) per power-of-two block, from the H100 sweep in kernels/tune.py
-# (device time in a CUDA graph, triton 3.6, B=1 and 64, bf16 and fp32, N = 256..16384):
+# (warps, threshold bits per round) per power-of-two block, from two H100 sweeps in kernels/tune.py
+# (device time in a CUDA graph, triton 3.6, B=1 and 64, bf16 and fp32 scores, k = N/4):
 # - 256 keys: 1 warp, 1 bit (bf16 2.7 us; 2 bits 3.2; 2 warps 3.4);
-# - 1024: 4 warps, 2 bits (bf16 4.0 vs 4.3 with 1 bit; fp32 5.8 vs 6.5): small blocks are
-#   reduction-latency bound, so halving the rounds pays;
-# - 4096: 8 warps, 1 bit (B=64 bf16 7.3 vs 7.5 with 2 bits, 7.7 with 4 warps; B=1 prefers 4 warps
-#   by 0.3 us); 8192: 8 warps, 1 bit (10.0-10.4 vs 11.3); 16384: 16 warps, 1 bit (17.9 vs 19.8):
+# - 512 and 1024: 4 warps, 2 bits (N=576: bf16 4.0 vs 4.3 with 1 bit, fp32 5.8 vs 6.5; N=512: 3.6-3.9
+#   us): small blocks are bound by the latency of the block-wide reduction, so halving rounds pays;
+# - 2048 and 4096: 4 warps, 1 bit (second sweep, with the early exit: N=4096 bf16 6.9/7.1 us at
+#   B=1/64 vs 7.3/7.4 with 8 warps; fp32 7.9/9.2 vs 8.2/9.6; 2 bits 7.3-8.5);
+# - 8192: 8 warps, 1 bit (10.0-10.4 vs 11.3 with 2 bits); 16384: 16 warps, 1 bit (17.9 vs 19.8):
 #   large blocks are bound by per-key work, which the packed int64 counts of 2-bit rounds double.
-# 512 and 2048 were not measured; they take their smaller neighbour's setting.
-_TUNED = {256: (1, 1), 512: (2, 2), 1024: (4, 2), 2048: (4, 1), 4096: (8, 1), 8192: (8, 1), 16384: (16, 1)}
+_TUNED = {256: (1, 1), 512: (4, 2), 1024: (4, 2), 2048: (4, 1), 4096: (4, 1), 8192: (8, 1), 16384: (16, 1)}
 ROUND_BITS: Optional[int] = None  # None: per _TUNED; 1 or 2 forces it (tests, tune)
 
 
@@ -151,26 +151,30 @@ if HAS_TRITON:
 
         # Threshold: largest T with #(key >= T) >= k, built from KEY_MIN upward, high bits first;
         # int64 scalars because KEY_MIN + 2**31 overflows int32 before the candidate is final.
+        # Early exit: when a kept candidate c has exactly k keys >= c, those keys are the answer;
+        # the search stops and thr = c - 1 (so "key > thr" keeps exactly them and no tie is needed).
         lo = tl.full([], KEY_MIN, tl.int64)
-        if ROUND_BITS == 1:
-            # one bit a round: one count (#key >= lo + step) per round
-            for i in tl.static_range(KEY_BITS):
-                cand = lo + (1 << (KEY_BITS - 1 - i))
-                c32 = cand.to(tl.int32)
+        exact = tl.full([], 0, tl.int64)
+        step = tl.full([], 1 << (KEY_BITS - ROUND_BITS), tl.int64)
+        while step > 0:
+            if ROUND_BITS == 1:
+                # one bit a round: one count (#key >= lo + step)
+                c1 = (lo + step).to(tl.int32)
                 if NUM_TILES == 1:
-                    cnt = tl.sum((keys >= c32).to(tl.int32), axis=0)
+                    cnt = tl.sum((keys >= c1).to(tl.int32), axis=0)
                 else:
                     cnt = tl.full([], 0, tl.int32)
                     for t in range(NUM_TILES):
                         kt = _row_keys(base, t * BLOCK + offs, n, inf_bits, ABS_MASK, KEY_MIN)
-                        cnt += tl.sum((kt >= c32).to(tl.int32), axis=0)
-                lo = tl.where(cnt >= k_row, cand, lo)
-        else:
-            # two bits a round: the counts for lo + {1,2,3} * step come from ONE reduction, packed
-            # in 21-bit fields of an int64 (counts < 2**21: the launcher checks N). Half the rounds,
-            # and a round's cost is mostly the block-wide reduction's latency, not its arithmetic.
-            for i in tl.static_range(KEY_BITS // 2):
-                step = 1 << (KEY_BITS - 2 - 2 * i)
+                        cnt += tl.sum((kt >= c1).to(tl.int32), axis=0)
+                take = cnt >= k_row
+                hit = cnt == k_row
+                lo = tl.where(take, lo + step, lo)
+                step = tl.where(hit, 0, step >> 1)
+            else:
+                # two bits a round: the counts for lo + {1,2,3} * step come from ONE reduction, packed
+                # in 21-bit fields of an int64 (counts < 2**21: the launcher checks N). Half the
+                # rounds; pays where the block-wide reduction's latency dominates (small blocks).
                 c1 = (lo + step).to(tl.int32)
                 c2 = (lo + 2 * step).to(tl.int32)
                 c3 = (lo + 3 * step).to(tl.int32)
@@ -188,8 +192,12 @@ if HAS_TRITON:
                 n2 = (tot >> 21) & 0x1FFFFF
                 n3 = tot >> 42
                 m = (n1 >= k_row).to(tl.int64) + (n2 >= k_row).to(tl.int64) + (n3 >= k_row).to(tl.int64)
+                n_m = tl.where(m == 3, n3, tl.where(m == 2, n2, n1))
+                hit = (m > 0) & (n_m == k_row)
                 lo = lo + m * step
-        thr = lo.to(tl.int32)
+                step = tl.where(hit, 0, step >> 2)
+            exact = hit.to(tl.int64)
+        thr = (lo - exact).to(tl.int32)
 
         # Compaction. One scan serves both counts: gt in the low 16 bits, eq in the high 16
         # (a block has at most 16384 lanes, so neither half overflows).

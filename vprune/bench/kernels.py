@@ -127,6 +127,20 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
     return 2 * nbytes / (t_us * 1e-6)
 
 
+def launch_floor() -> Dict[str, float]:
+    """Microseconds of an empty Triton kernel launch, eager device time / eager loop / in a graph:
+    the floor under any single-kernel op, select included."""
+    import triton
+
+    @triton.jit
+    def _empty(x_ptr):
+        pass
+
+    x = torch.zeros(1, device="cuda")
+    fn = lambda: _empty[(1,)](x)  # noqa: E731
+    return {"eager": time_eager_device(fn, 200), "loop": time_eager_loop(fn, 20), "graph": time_graph(fn, 50, 20)}
+
+
 # ---- ops ----------------------------------------------------------------------------------
 
 def torch_select(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -255,7 +269,10 @@ def run(args: argparse.Namespace) -> int:
     bs, ns = (QUICK_B, QUICK_N) if args.quick else (FULL_B, FULL_N)
     score_dtype = _DTYPES[args.score_dtype]
     bw = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    floor = launch_floor()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write); empty Triton kernel "
+          f"{floor['eager']:.1f} us eager device time, {floor['loop']:.1f} us eager loop, {floor['graph']:.1f} us in a graph",
+          flush=True)
     rows = []
     for b in bs:
         for n in ns:
@@ -269,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         "meta": {"card": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
                  "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                  "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(),
-                 "command": " ".join(sys.argv), "copy_bandwidth_Bps": bw, "repeats": repeats,
+                 "command": " ".join(sys.argv), "copy_bandwidth_Bps": bw, "empty_kernel_us": floor, "repeats": repeats,
                  "eager": "device time of one eager call, launched behind a 512 MB memset (do_bench method, cold L2)",
                  "loop": "back-to-back eager calls between two events / calls (max of host launch cost, device time)",
                  "graph": "calls captured in one CUDA graph, replay time / calls",
@@ -279,6 +296,8 @@ def run(args: argparse.Namespace) -> int:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print()
+    print(f"launch floor (empty Triton kernel): {floor['eager']:.1f} us eager device time, {floor['loop']:.1f} us eager "
+          f"loop, {floor['graph']:.1f} us in a graph")
     print("targets:")
     for t in targets:
         print(f"  {'PASS' if t['pass'] else 'MISS'} {t['target']}: {t['value']}")
