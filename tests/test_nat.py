@@ -92,6 +92,10 @@ def test_runtime_separate_streams_per_conditioning_and_lru_bound():
     assert _step(rt, part, [torch.tensor([10])]).stream is s_unc
     for c in range(20):
         _step(rt, m, [torch.tensor([100 + c])])
+    assert len(rt.streams) == nat.STREAMS_PER_SHAPE
+    # other shapes get their own streams, bounded in all
+    for b in range(2, 8):
+        _step(rt, torch.ones(b, 4, dtype=torch.bool), [torch.arange(b)])
     assert len(rt.streams) <= nat.MAX_STREAMS
     rt.reset()
     assert rt.streams == []

@@ -45,7 +45,8 @@ Streams: the state of one generation (previous mask, reveal order, caches) is a 
 matched to a stream by batch shape and a fingerprint of its conditioning inputs (class labels,
 text embeddings), so classifier-free guidance run as two separate passes per step keeps separate
 conditional and unconditional caches; CFG run as one concatenated batch is per-row state of one
-stream. A stream restarts (full step, caches overwritten) when every token is masked, when a row
+stream. At most ``STREAMS_PER_SHAPE`` (2) streams per shape are kept: more than two generations of
+one shape interleaved step by step would keep restarting each other (correct, but uncached). A stream restarts (full step, caches overwritten) when every token is masked, when a row
 has more masks than in its previous call, or on ``vprune.reset(model)``.
 
 Limitations: inference only (caches are written in place and detached); a generation that restarts
@@ -73,8 +74,11 @@ KIND_SUBSET = "subset"
 #: align tensor-core tiles on GPU).
 SUBSET_MULTIPLE = 8
 
-#: Streams kept per runtime (least recently used one is restarted beyond this). Two cover CFG run
-#: as two passes; a few more cover interleaved generations.
+#: Streams kept per input shape: two cover CFG run as two passes (conditional, unconditional); a
+#: new conditioning beyond that takes over the least recently used stream of the same shape, so
+#: new prompts reuse the buffers and captured graphs instead of growing memory.
+STREAMS_PER_SHAPE = 2
+#: Streams kept in all (over different batch shapes); the least recently used one is dropped.
 MAX_STREAMS = 4
 
 
@@ -240,14 +244,14 @@ class NATRuntime:
             stream.prev_counts is not None and any(c > p for c, p in zip(now, stream.prev_counts)))
         if stream is None:
             same = [s for s in self.streams if s.sig == sig]
-            if len(self.streams) < MAX_STREAMS:
-                stream = self._new_stream(sig, is_mask.device)
+            if len(same) >= STREAMS_PER_SHAPE:
+                # an unseen conditioning takes over the least recently used stream of its shape
+                # (buffers and captured graphs are reused; the call restarts it)
+                stream = min(same, key=lambda s: s.last_used)
             else:
-                pool = same or self.streams
-                stream = min(pool, key=lambda s: s.last_used)
-                if stream.sig != sig:
-                    self.streams.remove(stream)
-                    stream = self._new_stream(sig, is_mask.device)
+                if len(self.streams) >= MAX_STREAMS:
+                    self.streams.remove(min(self.streams, key=lambda s: s.last_used))
+                stream = self._new_stream(sig, is_mask.device)
         if restart:
             stream.step = 0
             stream.prev_counts = None
