@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -355,13 +356,16 @@ class OpenVLAIntegration(Integration):
     def _begin_call(self, model: Any, state: Any, original: type, args: tuple, kwargs: dict) -> None:
         rt: _Runtime = state.runtime
         state.calls += 1
-        sig = _SIGNATURES.get(original)
-        if sig is None:
-            sig = _SIGNATURES[original] = inspect.signature(original.forward)
-        try:
-            bound = sig.bind_partial(model, *args, **kwargs).arguments
-        except TypeError:
-            bound = dict(kwargs)
+        if args:  # positional arguments: name them from the host's signature (generate passes keywords)
+            sig = _SIGNATURES.get(original)
+            if sig is None:
+                sig = _SIGNATURES[original] = inspect.signature(original.forward)
+            try:
+                bound = sig.bind_partial(model, *args, **kwargs).arguments
+            except TypeError:
+                bound = dict(kwargs)
+        else:
+            bound = kwargs
         extra = bound.get("kwargs") or {}
         cache = None
         for name in ("cache", "past_key_values", "past_key_value"):
@@ -461,21 +465,30 @@ class OpenVLAIntegration(Integration):
             return None
         return hook
 
+    _geometry: "weakref.WeakKeyDictionary[Any, Tuple[int, int, int, float]]" = weakref.WeakKeyDictionary()
+
     def _query_keys(self, attn: Any, layer_idx: int, args: tuple, kwargs: dict,
-                    rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, float]:
-        """Post-RoPE queries of ``rows`` [B, R] of this call and every key of the layer.
+                    rows: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        """Post-RoPE queries of ``rows`` [B, R] (None: the last row) of this call and every key of the layer.
 
         Keys come from the layer's KV cache (already updated by this call) when there is one, else they
         are recomputed from the normalised input. Returns q [B, H, R, Dh], k [B, Hkv, T, Dh], scale."""
         hidden = _compat.layer_hidden(args, kwargs)
-        n_heads, n_kv, head_dim, scale = _compat.attention_geometry(attn)
+        geometry = self._geometry.get(attn)
+        if geometry is None:  # reading a transformers config is slow: once per module
+            geometry = self._geometry[attn] = _compat.attention_geometry(attn)
+        n_heads, n_kv, head_dim, scale = geometry
         b, length, _ = hidden.shape
         cos, sin = _compat.rope_cos_sin(attn, hidden, kwargs)
         if cos.shape[0] != b:
             cos, sin = cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:])
-        h_rows = _gather_seq(hidden, rows, 1)
-        q = attn.q_proj(h_rows).view(b, rows.shape[1], n_heads, head_dim).transpose(1, 2)
-        q = _compat.apply_rope(q, _gather_seq(cos, rows, 1), _gather_seq(sin, rows, 1))
+        if rows is None:  # the last row (a decode step): plain slices
+            h_rows, cos_r, sin_r, n_rows = hidden[:, -1:], cos[:, -1:], sin[:, -1:], 1
+        else:
+            h_rows, cos_r, sin_r = _gather_seq(hidden, rows, 1), _gather_seq(cos, rows, 1), _gather_seq(sin, rows, 1)
+            n_rows = rows.shape[1]
+        q = attn.q_proj(h_rows).view(b, n_rows, n_heads, head_dim).transpose(1, 2)
+        q = _compat.apply_rope(q, cos_r, sin_r)
         k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
         if k is None:
             k = attn.k_proj(hidden).view(b, length, n_kv, head_dim).transpose(1, 2)
@@ -643,8 +656,7 @@ class OpenVLAIntegration(Integration):
                 k = k[..., :q_len, :]
                 allowed = self._row_mask(kwargs, rows, k.shape[-2], rows, real)
             else:
-                rows = torch.full((b, 1), q_len - 1, dtype=torch.long, device=hidden.device)
-                q, k, scale = self._query_keys(module, layer_idx, args, kwargs, rows)
+                q, k, scale = self._query_keys(module, layer_idx, args, kwargs, None)
                 key_len = k.shape[-2]
                 mask = kwargs.get("attention_mask")
                 if isinstance(mask, torch.Tensor) and mask.dim() == 4:
@@ -659,7 +671,8 @@ class OpenVLAIntegration(Integration):
                 full = torch.zeros(b, n, dtype=vis.dtype, device=vis.device)
                 full.scatter_(1, rt.kept_visual, vis)
                 vis = full
-            vis = vis * n_rows  # a sum over rows: every action row weighs the same in the step's mean
+            if n_rows != 1:  # a sum over rows: every action row weighs the same in the step's mean
+                vis = vis * n_rows
             rt.action_sum = vis if rt.action_sum is None else rt.action_sum + vis
             rt.action_rows += n_rows
             return None
