@@ -79,18 +79,22 @@ class VLMIntegration(Integration):
             if getattr(model.config, attr, None) is None:
                 missing.append(f"config.{attr}")
         if tm is not None:
-            if len(tm.layers) == 0:
-                raise NoTargetsError(f"{type(model).__name__}: the language model has no decoder layers to prune in")
+            self._check_depth(model, len(tm.layers))
             if not hasattr(tm.layers[0], "self_attn"):
                 missing.append("language model layers[i].self_attn")
         if missing:
             raise IncompatibleModelError(
                 f"{type(model).__name__} matched the {self.name} integration by class name but lacks "
                 f"{', '.join(missing)} (transformers {_compat.transformers_version_str()}; tested on {self.tested_on})")
-        if len(tm.layers) < 2:
+
+    @staticmethod
+    def _check_depth(model: Any, n: int) -> None:
+        if n == 0:
+            raise NoTargetsError(f"{type(model).__name__}: the language model has no decoder layers to prune in")
+        if n < 2:
             raise NoTargetsError(
-                f"{type(model).__name__}: the language model has {len(tm.layers)} decoder layer; pruning needs at "
-                f"least 2 (score at layer K-1, prune from layer K)")
+                f"{type(model).__name__}: the language model has {n} decoder layer; pruning needs at least 2 "
+                f"(score at layer K-1, prune from layer K)")
 
     required_config_attrs: Tuple[str, ...] = ("image_token_id",)
 
@@ -117,6 +121,7 @@ class VLMIntegration(Integration):
         tm = self.text_model(model)
         if tm is not None:
             n = len(tm.layers)
+            self._check_depth(model, n)
             if not 1 <= config.layer <= n - 1:
                 raise ValueError(
                     f"VisualPruning.layer={config.layer} is invalid for {type(model).__name__} with {n} decoder "

@@ -324,3 +324,20 @@ def test_labels_on_a_pruned_prefill_raise_a_clear_error(model, inputs):
             model(**inputs, labels=inputs["input_ids"])
     with torch.no_grad():  # unpatched: the loss works
         assert model(**inputs, labels=inputs["input_ids"]).loss is not None
+
+
+def test_structure_errors_name_what_is_missing():
+    from vprune.errors import IncompatibleModelError, NoTargetsError
+
+    one_layer = tiny_llava(seed=0, layers=1)
+    with pytest.raises(NoTargetsError, match="1 decoder layer"):
+        vprune.patch(one_layer, keep=0.25)
+    broken = tiny_llava(seed=0, layers=2)
+    broken.model.language_model.layers = torch.nn.ModuleList()
+    with pytest.raises(NoTargetsError, match="no decoder layers"):
+        vprune.patch(broken, keep=0.25)
+    no_token = tiny_llava(seed=0, layers=2)
+    no_token.config.image_token_id = None
+    with pytest.raises(IncompatibleModelError, match="config.image_token_id"):
+        vprune.patch(no_token, keep=0.25, layer=1)
+    assert not any(vprune.api.is_patched(m) for m in (one_layer, broken, no_token))
