@@ -71,6 +71,15 @@ def test_rows_are_separate():
     assert h.has_history().tolist() == [False, True]
 
 
+def test_history_recorded_in_inference_mode_can_be_reset_and_extended_outside_it():
+    h = ActionHistory(window=2, decay=0.5, warmup=0)
+    with torch.inference_mode():
+        h.record(torch.ones(2, 3))
+    h.reset(rows=[0])
+    h.record(torch.ones(2, 3))
+    assert torch.equal(h.smoothed(), torch.tensor([[1.0] * 3, [1.5] * 3]))
+
+
 def test_reset_clears_everything():
     h = ActionHistory(window=3, decay=0.8, warmup=1)
     h.begin_step(1)

@@ -134,10 +134,10 @@ class ActionHistory:
         for r in idx:
             if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < max(batch, 1):
                 raise ValueError(f"reset row {r!r} is invalid: allowed ints in [0, {batch})")
-        if self.scores is not None:
+        if self.scores is not None:  # out of place: the tensors may come from torch.inference_mode()
             sel = torch.tensor(idx, dtype=torch.long, device=self.scores.device)
-            self.scores[sel] = 0.0
-            self.filled[sel] = 0
+            self.scores = self.scores.index_fill(0, sel, 0.0)
+            self.filled = self.filled.index_fill(0, sel, 0)
         for r in idx:
             if r < len(self.steps):
                 self.steps[r] = 0
