@@ -9,13 +9,14 @@ Semantics every implementation must match exactly:
 The Triton kernel (one program per row) never sorts:
 1. keys: the raw bits of each score become an int32 key whose signed order is the float order
    (negative floats get their magnitude bits flipped, +-0 -> 0, NaN -> the smallest key);
-2. threshold: the k-th largest key T is built high bits first, two bits a round: of the candidates
-   lo + {1,2,3} * step the largest with at least k keys >= it is kept; the three counts come from one
-   block reduction (8 rounds for fp16/bf16, 16 for fp32);
+2. threshold: the k-th largest key T is built high bits first: one bit a round (one count of
+   keys >= candidate), or two bits a round for small blocks (the counts for lo + {1,2,3} * step from
+   one block reduction); at most 16 rounds for fp16/bf16, 32 for fp32;
 3. compaction: every key > T is kept, plus the first ``k - #(key > T)`` keys == T in index order;
    each kept lane writes its own index at its exclusive prefix count, so the output is ascending.
-Rows up to ``MAX_REGISTER_BLOCK`` keys stay in registers for all rounds; longer rows are re-read tile
-by tile in each round (from L1/L2: a 16384-token fp32 row is 64 KB).
+Rows up to ``MAX_REGISTER_BLOCK`` (16384) keys stay in registers for all rounds; longer rows are
+re-read tile by tile in each round (from L1/L2). The search stops early once a candidate has exactly
+k keys at or above it. Measurements behind the constants: kernels/NOTES.md, kernels/tune.py.
 """
 from __future__ import annotations
 

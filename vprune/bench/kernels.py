@@ -158,7 +158,7 @@ def bench_shape(b: int, n: int, k: int, score_dtype: torch.dtype, repeats: int, 
 
     g = torch.Generator(device="cuda").manual_seed(b * 100003 + n * 7 + k)
     scores = torch.randn(b, n, device="cuda", generator=g).to(score_dtype)
-    scores32 = scores.float()
+    scores32 = torch.randn(b, n, device="cuda", generator=g)  # full fp32 precision (fp32 softmax scores)
     x = torch.randn(b, n, HIDDEN, device="cuda", generator=g, dtype=torch.bfloat16)
     idx = select_topk(scores, k)
     ops: Dict[str, Callable[[], Any]] = {
