@@ -1,10 +1,11 @@
 """Exact-match accuracy of the shipped testbed DLM: vanilla vs Window-Diffusion (several settings) vs window + parallel decoding.
 
-    vprune eval dlm [--n 64] [--batch 16] [--json out.json]
+    vprune eval dlm [--n 32] [--batch 16] [--json out.json]
 
 The testbed (``vprune.testbed.dlm``) writes arithmetic progressions of 64-224 tokens into a
 256-token answer; every answer is checked exactly. Prompts in a batch have different lengths and are
-left-padded. Reports accuracy, accuracy relative to vanilla, decoded tokens per step, model
+left-padded. Reports exact-match accuracy, accuracy relative to vanilla, token accuracy, decoded
+tokens per step, model
 forwards' computed tokens relative to vanilla, and wall time (CPU).
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ SETTINGS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n", type=int, default=64, help="problems (default 64)")
+    p.add_argument("--n", type=int, default=32, help="problems (default 32)")
     p.add_argument("--batch", type=int, default=16, help="batch size (left-padded prompts)")
     p.add_argument("--seed", type=int, default=1234, help="problem seed (training used other draws)")
     p.add_argument("--block-length", type=int, default=None, help="LLaDA block length (default: the whole answer)")
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1)
 
 
-def evaluate(n: int = 64, batch: int = 16, seed: int = 1234, block_length: Optional[int] = None,
+def evaluate(n: int = 32, batch: int = 16, seed: int = 1234, block_length: Optional[int] = None,
              only: Optional[List[int]] = None, log=print) -> List[Dict[str, Any]]:
     from vprune.integrations.llada import diffusion_generate
     from vprune.testbed import dlm
@@ -54,6 +55,7 @@ def evaluate(n: int = 64, batch: int = 16, seed: int = 1234, block_length: Optio
         if only is not None and idx not in only and idx != 0:
             continue
         ok: List[bool] = []
+        tok_ok = tok_n = 0
         steps = computed = 0
         t0 = time.time()
         for s in range(0, n, batch):
@@ -63,6 +65,9 @@ def evaluate(n: int = 64, batch: int = 16, seed: int = 1234, block_length: Optio
             out = diffusion_generate(model, ids, am, config=cfg, gen_length=g, steps=g, block_length=block_length,
                                      threshold=thr, stats=st)
             ok += dlm.exact_match(out[:, -g:], ps)
+            tgt = torch.tensor([p.target(g) for p in ps])
+            tok_ok += int((out[:, -g:] == tgt).sum())
+            tok_n += tgt.numel()
             steps += st["steps"]
             computed += st["computed_tokens"]
         acc = sum(ok) / len(ok)
@@ -71,10 +76,12 @@ def evaluate(n: int = 64, batch: int = 16, seed: int = 1234, block_length: Optio
         n_batches = -(-n // batch)
         row = dict(setting=name, config=None if cfg is None else cfg.to_dict(), threshold=thr, accuracy=acc,
                    relative_accuracy=acc / base_acc if base_acc else float("nan"),
+                   token_accuracy=tok_ok / tok_n,
                    tokens_per_step=g * n_batches / steps, computed_tokens_rel=computed / base_tok,
                    seconds=time.time() - t0)
         rows.append(row)
-        log(f"{name:28s} acc {acc:6.1%}  rel {row['relative_accuracy']:6.1%}  tok/step {row['tokens_per_step']:5.2f}"
+        log(f"{name:28s} acc {acc:6.1%}  rel {row['relative_accuracy']:6.1%}  token acc {row['token_accuracy']:6.1%}"
+            f"  tok/step {row['tokens_per_step']:5.2f}"
             f"  computed {row['computed_tokens_rel']:6.1%}  {row['seconds']:6.1f}s")
     return rows
 

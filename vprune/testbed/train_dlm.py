@@ -44,10 +44,21 @@ def make_batch(problems, rng: random.Random, gen: torch.Generator):
     return ids, att, ansm
 
 
-def diffusion_loss(model, ids, att, ansm, gen: torch.Generator, eps: float = 1e-3):
+def diffusion_loss(model, ids, att, ansm, gen: torch.Generator, eps: float = 1e-3, prefix_frac: float = 0.0):
+    """Masked-diffusion loss. With probability ``prefix_frac`` a sequence is masked the way the
+    samplers meet it (a revealed answer prefix, then masks; a few random masks in the prefix)
+    instead of uniformly at a random ratio."""
     b, t = ids.shape
     ratio = eps + (1 - eps) * torch.rand(b, 1, generator=gen)
     masked = (torch.rand(b, t, generator=gen) < ratio) & ansm
+    if prefix_frac > 0:
+        start = ansm.float().argmax(1, keepdim=True)
+        n_ans = ansm.sum(1, keepdim=True)
+        cut = start + (torch.rand(b, 1, generator=gen) * n_ans.float()).long()
+        pos = torch.arange(t)[None]
+        pre = ansm & ((pos >= cut) | (torch.rand(b, t, generator=gen) < 0.1))
+        use = torch.rand(b, 1, generator=gen) < prefix_frac
+        masked = torch.where(use, pre, masked)
     noisy = torch.where(masked, torch.full_like(ids, dlm.MASK_ID), ids)
     logits = model(noisy, attention_mask=att).logits
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids.reshape(-1), reduction="none").view(b, t)
@@ -62,6 +73,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=dlm.HERE)
+    ap.add_argument("--init", default=None, help="start from these weights (a previous stage's safetensors)")
+    ap.add_argument("--prefix-frac", type=float, default=0.0,
+                    help="fraction of sequences masked as a revealed prefix + masks (see diffusion_loss)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -75,6 +89,9 @@ def main(argv=None) -> int:
             if p.dim() == 2:
                 std = 0.02 if "wte" in name else 1.0 / math.sqrt(p.shape[1])
                 p.normal_(0.0, std)
+    if args.init:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(args.init))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warm = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -85,7 +102,7 @@ def main(argv=None) -> int:
     for step in range(args.steps):
         probs = [dlm.sample_problem(rng) for _ in range(args.batch)]
         ids, att, ansm = make_batch(probs, rng, gen)
-        loss = diffusion_loss(model, ids, att, ansm, gen)
+        loss = diffusion_loss(model, ids, att, ansm, gen, prefix_frac=args.prefix_frac)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -94,6 +111,10 @@ def main(argv=None) -> int:
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step:5d} loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s", flush=True)
+        if step % 100 == 99:
+            from safetensors.torch import save_file
+            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                      os.path.join(args.out, "dlm_testbed.ckpt.safetensors"))
 
     model.eval()
     from safetensors.torch import save_file
