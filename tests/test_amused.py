@@ -186,3 +186,10 @@ def test_res_blocks_disentangle_is_reported_as_approximate():
     m = tiny(1)
     with vprune.patched(m, vprune.NATCache(mode="disentangle")):
         assert any("approximate" in s for s in vprune.stats(m)["skipped"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_bench_without_cuda_says_so(capsys):
+    from vprune.cli import main
+    assert main(["bench", "nat", "--json", ""]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

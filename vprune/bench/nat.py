@@ -159,9 +159,7 @@ def run(args: argparse.Namespace) -> int:
         use_graphs = True
 
     torch.manual_seed(0)
-    with torch.device(device):
-        model = UVit2DModel(**cfg)
-    model = model.to(dtype).eval()
+    model = UVit2DModel(**cfg).to(device=device, dtype=dtype).eval()
     scheduler = AmusedScheduler(mask_token_id=cfg["vocab_size"] - 1)
     rows: List[Dict[str, Any]] = []
     with torch.inference_mode():
@@ -187,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
                         st = vprune.stats(model)
                         row["tokens_computed_fraction"] = st["tokens_computed_fraction"]
                         row["graphs_captured"] = st["graphs_captured"]
+                        hist = model._vprune.runtime.history
+                        row["tokens_per_step"] = [h["k"] for h in hist[-args.steps:]]
                 except Exception as exc:  # one failing setting must not hide the others
                     row["error"] = f"{type(exc).__name__}: {exc}"
                 finally:
