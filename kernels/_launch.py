@@ -50,7 +50,8 @@ def ptr_class(t: Any) -> bool:
 
 class FastLauncher:
     """``launcher(key, grid, args, num_warps)``: launch ``fn`` with all its arguments (constexprs
-    included, in signature order), reusing the compiled kernel cached under ``key``."""
+    included, in signature order), reusing the compiled kernel cached under (current device, ``key``).
+    ``key`` must hold every dtype, constexpr and specialisation class of the arguments."""
 
     def __init__(self, fn: Any) -> None:
         self.fn = fn
@@ -58,21 +59,23 @@ class FastLauncher:
         self.fast_calls = 0  # launches that took the cached path (diagnostics for kernels/tune.py)
         self._driver = None
 
-    def _stream(self) -> Any:
+    def _driver_api(self) -> Any:
         if self._driver is None:
             self._driver = triton.runtime.driver.active
-        d = self._driver
-        return d.get_current_stream(d.get_current_device())
+        return self._driver
 
     def __call__(self, key: Hashable, grid: Tuple[int, int, int], args: Sequence[Any], num_warps: int) -> None:
         global _ENABLED, DISABLED_REASON
         if _ENABLED:
-            ck = self.cache.get(key)
+            # Triton compiles and loads per current device (not the tensors' device): key on it too
+            drv = self._driver_api()
+            device = drv.get_current_device()
+            ck = self.cache.get((device, key))
             if ck is not None:
                 if _no_launch_hooks():
                     try:
-                        ck.run(grid[0], grid[1], grid[2], self._stream(), ck.function, ck.packed_metadata,
-                               None, None, None, *args)
+                        ck.run(grid[0], grid[1], grid[2], drv.get_current_stream(device), ck.function,
+                               ck.packed_metadata, None, None, None, *args)
                         self.fast_calls += 1
                         return
                     except (TypeError, AttributeError, ValueError, SystemError) as exc:
@@ -80,7 +83,7 @@ class FastLauncher:
                         DISABLED_REASON = f"{type(exc).__name__}: {exc}"
         ck = self.fn[grid](*args, num_warps=num_warps)
         if _ENABLED and ck is not None and hasattr(ck, "packed_metadata") and hasattr(ck, "function"):
-            self.cache[key] = ck
+            self.cache[(self._driver_api().get_current_device(), key)] = ck
 
 
 def fast_path_enabled() -> bool:

@@ -189,6 +189,6 @@ def _launch_gather(x: torch.Tensor, idx: torch.Tensor, d: int, out: torch.Tensor
     xv, ov = xs.view(view), out.view(view)
     si_b, si_k = idx.stride()
     # everything Triton specialises on (n_rows, k, m, n are not specialised beyond their int width)
-    key = (view, idx.dtype, block_rows, block_r, nw, xv.get_device(), ptr_class(xv), ptr_class(idx), ptr_class(ov),
+    key = (view, idx.dtype, block_rows, block_r, nw, ptr_class(xv), ptr_class(idx), ptr_class(ov),
            c_r, c_sb, c_sm, c_sn, int_class(si_b), int_class(si_k), wide_rows)
     _LAUNCH(key, grid, (xv, idx, ov, n_rows, k, m, xs.shape[d], r, sx_b, sx_m, sx_n, si_b, si_k, block_rows, block_r), nw)

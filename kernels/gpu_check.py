@@ -65,10 +65,17 @@ def check_select(dev: str, g: torch.Generator) -> Tuple[int, List[str]]:
             kk = torch.randint(0, k_max + 1, (b,), generator=g, device=dev)
             kk[0] = 0
             kk[-1] = k_max
-            out = select_topk_per_row_triton(s, kk, k_max)
+            for kdt in (torch.int64, torch.int32):  # both index dtypes, through the launch cache
+                out = select_topk_per_row_triton(s, kk.to(kdt), k_max)
+                count += 1
+                if not torch.equal(out, select_topk_per_row_reference(s, kk, k_max)):
+                    fails.append(f"per-row {dtype} B={b} N={n} k dtype {kdt}")
+        # misaligned and aligned views of one buffer, alternating (the launch cache keys on alignment)
+        buf = _scores("ties", 4, 2001, dtype, g, dev)
+        for view in (buf[:, 1:], buf[:, :2000], buf[:, 3:], buf[1:, :2000]):
             count += 1
-            if not torch.equal(out, select_topk_per_row_reference(s, kk, k_max)):
-                fails.append(f"per-row {dtype} B={b} N={n}")
+            if not torch.equal(select_topk_triton(view, 300), select_topk_reference(view, 300)):
+                fails.append(f"select {dtype} view offset {view.storage_offset()}")
     return count, fails
 
 
@@ -95,6 +102,13 @@ def check_gather(dev: str, g: torch.Generator) -> Tuple[int, List[str]]:
             count += 1
             if not torch.equal(out, ref.contiguous()):
                 fails.append(f"gather {dtype} {shape} dim={dim} k={k} sorted={sort}")
+    # misaligned x (a view starting one element into its buffer), then aligned, through the launch cache
+    flat = torch.randn(2 * 300 * 64 + 1, generator=g, device=dev).to(torch.bfloat16)
+    idx = torch.randint(0, 300, (2, 40), generator=g, device=dev)
+    for x in (flat[1:].view(2, 300, 64), flat[:-1].view(2, 300, 64), flat[1:].view(2, 300, 64)):
+        count += 1
+        if not torch.equal(gather_rows_triton(x, idx), gather_rows_reference(x, idx)):
+            fails.append(f"gather storage offset {x.storage_offset()}")
     # a transposed (non-contiguous) K/V cache
     x = torch.randn(2, 300, 8, 64, generator=g, device=dev).to(torch.bfloat16).transpose(1, 2)
     idx = torch.randint(0, 300, (2, 50), generator=g, device=dev)

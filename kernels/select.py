@@ -272,8 +272,8 @@ def _launch_select(scores: torch.Tensor, out: torch.Tensor, k: int, k_per_row: O
     sr, so = bits.stride(0), out.stride(0)
     # everything Triton specialises this kernel on (n, k are not specialised; inf_bits is always a
     # 32-bit multiple of 16), so a cached compiled kernel is reused only where it is valid
-    key = (key_bits, block, num_tiles, per_row, round_bits, nw, bits.get_device(), ptr_class(bits), ptr_class(out),
-           ptr_class(kp), int_class(sr), int_class(so))
+    key = (key_bits, block, num_tiles, per_row, round_bits, nw, ptr_class(bits), ptr_class(out), ptr_class(kp),
+           kp.dtype, int_class(sr), int_class(so))
     _LAUNCH(key, (b, 1, 1),
             (bits, out, kp, n, k, inf_bits, sr, so, key_bits, abs_mask, key_min, block, num_tiles, per_row, round_bits),
             nw)
@@ -316,5 +316,5 @@ def select_topk_per_row_triton(scores: torch.Tensor, k: torch.Tensor, k_max: int
         out = torch.full((scores.shape[0], k_max), -1, dtype=torch.int64, device=scores.device)
     else:
         out.fill_(-1)
-    _launch_select(scores, out, k_max, k.to(device=scores.device).contiguous())
+    _launch_select(scores, out, k_max, k.to(device=scores.device, dtype=torch.int64).contiguous())
     return out

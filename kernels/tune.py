@@ -99,7 +99,7 @@ def main() -> int:
     from ._launch import fast_path_enabled, int_class, ptr_class
 
     S.select_topk_triton(s576, 144)  # compile, and fill the launch cache
-    sel_key = next(iter(S._LAUNCH.cache))
+    sel_key = next(iter(S._LAUNCH.cache))[1]  # cache keys are (current device, key)
     sel_args = (s576.view(torch.int16), idx, idx, 576, 144, 0x7F80, 576, 144, 16, 0x7FFF, -32768, 1024, 1, False, 2)
 
     print(f"\n[host us per call, queued, no sync; fast launch path {fast_path_enabled()}]")
