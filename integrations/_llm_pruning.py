@@ -57,7 +57,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from vprune import scoring, selection
-from vprune.errors import IncompatibleModelError, MissingInputsError
+from vprune.errors import IncompatibleModelError, MissingInputsError, VPruneWarning
 from vprune.kernels import gather_rows, select_topk
 
 from . import _compat
@@ -70,8 +70,6 @@ VLM_STRATEGIES = tuple(ROW_MODES)
 ATTR_LINK = "_vprune_llm"  # attribute set (and undone) on each linked attention module
 
 
-class VPruneWarning(UserWarning):
-    """A patched model ran a call in a way the patch could not (fully) act on."""
 
 
 # Groups: per batch row, a list of images, each a sequence of token positions (ascending).

@@ -9,7 +9,7 @@ Importing vprune changes nothing in any host library.
 from .api import generate, is_patched, patch, patched, reset, stats, unpatch
 from .config import NATCache, TechniqueConfig, VisualPruning, WindowDiffusion
 from .errors import (AlreadyPatchedError, IncompatibleModelError, MissingInputsError, NoTargetsError,
-                     NotPatchedError, UnsupportedModelError, VPruneError)
+                     NotPatchedError, UnsupportedModelError, VPruneError, VPruneWarning)
 
 __version__ = "0.1.0"
 
@@ -17,5 +17,5 @@ __all__ = [
     "patch", "unpatch", "patched", "reset", "stats", "generate", "is_patched",
     "VisualPruning", "WindowDiffusion", "NATCache", "TechniqueConfig",
     "VPruneError", "UnsupportedModelError", "IncompatibleModelError", "NoTargetsError",
-    "AlreadyPatchedError", "NotPatchedError", "MissingInputsError", "__version__",
+    "AlreadyPatchedError", "NotPatchedError", "MissingInputsError", "VPruneWarning", "__version__",
 ]

@@ -56,6 +56,8 @@ def patch(model: Any, config: Optional[TechniqueConfig] = None, **overrides: Any
         raise ValueError(
             f"{type(config).__name__} cannot be applied to {type(model).__name__}: "
             f"the {integration.name} integration supports {list(integration.techniques)}")
+    if not is_patched(model):
+        integration.check_structure(model)  # before range checks: a wrong host is the first error
     config = integration.resolve_config(model, config)
 
     if is_patched(model):
@@ -66,7 +68,6 @@ def patch(model: Any, config: Optional[TechniqueConfig] = None, **overrides: Any
             f"{type(model).__name__} is already patched with {current.config}; "
             f"call vprune.unpatch(model) before patching with {config}")
 
-    integration.check_structure(model)
     state = VPruneState(config=config, integration=integration)
     try:
         integration.apply(model, config, state)

@@ -28,3 +28,8 @@ class NotPatchedError(VPruneError):
 
 class MissingInputsError(VPruneError):
     """A patched model ran a step in which the tokens it prunes never appeared (e.g. the vision tower did not run)."""
+
+
+class VPruneWarning(UserWarning):
+    """A patched model ran a call in a way the patch could not (fully) act on: the call ran, and the
+    message says what was not pruned or cached and why."""
