@@ -121,3 +121,40 @@ def test_real_cuda_graphs_equal_eager():
                 assert vprune.stats(m)["graphs_captured"] > 0
         for a, b in zip(ref, out):
             assert (a == b).float().mean() > 0.95, mode     # GPU kernels may differ in the last bit
+
+
+@pytest.mark.parametrize("mode, refresh", [("cache", 3), ("reuse", 4)])
+def test_graph_mode_equals_eager_amused(mode, refresh):
+    diffusers = pytest.importorskip("diffusers")
+    from vprune.integrations.amused import amused_generate
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        m = diffusers.UVit2DModel(hidden_size=32, cond_embed_dim=16, micro_cond_encode_dim=4, micro_cond_embed_dim=20,
+                                  encoder_hidden_size=16, vocab_size=40, codebook_size=32, in_channels=16,
+                                  block_out_channels=16, num_res_blocks=1, block_num_heads=2, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, sample_size=8).eval()
+        with torch.no_grad():
+            m.mlm_layer.conv2.weight.mul_(30)
+        sch = diffusers.AmusedScheduler(mask_token_id=39)
+        g = torch.Generator().manual_seed(0)
+        ehs, pooled = torch.randn(4, 5, 16, generator=g), torch.randn(4, 16, generator=g)
+        mc = torch.tensor([[64.0, 64, 0, 0, 6]]).expand(4, 5)
+
+        def gens():
+            return [amused_generate(m, sch, ehs, pooled, mc, batch=2, grid=8, steps=8, guidance=3.0,
+                                    generator=torch.Generator().manual_seed(s)) for s in range(3)]
+
+        with torch.no_grad():
+            with vprune.patched(m, vprune.NATCache(mode=mode, refresh=refresh)):
+                eager = gens()
+            with vprune.patched(m, vprune.NATCache(mode=mode, refresh=refresh, cuda_graphs=True)):
+                backend = FakeGraphBackend()
+                m._vprune.runtime.graph_backend = backend
+                graphs = gens()
+        assert backend.replays > 0
+        assert all(torch.equal(a, b) for a, b in zip(eager, graphs))
+    finally:
+        torch.set_num_threads(old)
