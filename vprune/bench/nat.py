@@ -13,7 +13,9 @@ encoder and VQ decoder (random text embeddings, 77 tokens). Per batch size it ti
   graph per step size; captured during the untimed warm-up generation), and with ``--eager-modes``
   the same patches eagerly.
 
-Every setting runs one untimed warm-up generation (captures graphs) and ``--repeats`` timed ones;
+Every setting runs one untimed warm-up generation (captures graphs) and ``--repeats`` timed ones
+(graph settings then rerun the first timed generation eagerly: ``graph_matches_eager`` is the
+fraction of equal tokens, expected 1.0 since replays run the same kernels);
 the table shows ms per image (= generation time / batch) and speedups vs vanilla-graph and
 vanilla-eager. Random weights say nothing about quality (``vprune eval nat`` measures that on the
 testbed); they do not change the work per step, which the schedule fixes. Needs CUDA and diffusers
@@ -22,12 +24,13 @@ testbed); they do not change the work per step, which the schedule fixes. Needs 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
 import sys
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 
@@ -90,6 +93,35 @@ class GraphedForward:
         return static_out.clone()
 
 
+class _Switchable:
+    """Calls ``graphed`` except inside ``with self.eager():`` (then ``eager``)."""
+
+    def __init__(self, graphed: Any, eager: Any) -> None:
+        self.graphed, self.eager_fn, self.use_eager = graphed, eager, False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.eager_fn if self.use_eager else self.graphed)(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        self.use_eager = True
+        try:
+            yield
+        finally:
+            self.use_eager = False
+
+
+def _eager_switch(runtime: Any) -> Any:
+    @contextlib.contextmanager
+    def ctx() -> Iterator[None]:
+        runtime.cuda_graphs = False
+        try:
+            yield
+        finally:
+            runtime.cuda_graphs = True
+    return ctx
+
+
 def _inputs(batch: int, cfg: Dict[str, Any], guidance: float, device: str, dtype: torch.dtype):
     b = 2 * batch if guidance > 1.0 else batch
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -100,15 +132,15 @@ def _inputs(batch: int, cfg: Dict[str, Any], guidance: float, device: str, dtype
 
 
 def _time_generation(fn: Any, batch: int, cfg: Dict[str, Any], args: argparse.Namespace, device: str,
-                     dtype: torch.dtype, scheduler: Any) -> Dict[str, Any]:
+                     dtype: torch.dtype, scheduler: Any, verify: Any = None) -> Dict[str, Any]:
     from vprune.integrations.amused import amused_generate
 
     ehs, pooled, mc = _inputs(batch, cfg, args.guidance, device, dtype)
 
-    def once(seed: int) -> None:
+    def once(seed: int) -> torch.Tensor:
         gen = torch.Generator(device=device).manual_seed(seed)
-        amused_generate(fn, scheduler, ehs, pooled, mc, batch=batch, grid=cfg["sample_size"], steps=args.steps,
-                        guidance=args.guidance, generator=gen)
+        return amused_generate(fn, scheduler, ehs, pooled, mc, batch=batch, grid=cfg["sample_size"],
+                               steps=args.steps, guidance=args.guidance, generator=gen)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -119,11 +151,19 @@ def _time_generation(fn: Any, batch: int, cfg: Dict[str, Any], args: argparse.Na
     for r in range(args.repeats):
         sync()
         t0 = time.perf_counter()
-        once(r + 1)
+        toks = once(r + 1)
         sync()
         times.append(time.perf_counter() - t0)
+        if r == 0:
+            first = toks
     best = min(times)
-    return {"warmup_s": warm, "gen_ms": [t * 1e3 for t in times], "ms_per_image": best * 1e3 / batch}
+    out = {"warmup_s": warm, "gen_ms": [t * 1e3 for t in times], "ms_per_image": best * 1e3 / batch}
+    if verify is not None and args.repeats > 0:
+        # the same generation (seed 1) eagerly: replayed graphs must give the same tokens
+        with verify():
+            ref = once(1)
+        out["graph_matches_eager"] = float((ref == first).float().mean())
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,12 +215,18 @@ def run(args: argparse.Namespace) -> int:
             for name, nat_cfg, graphs in settings:
                 row: Dict[str, Any] = {"batch": b, "setting": name}
                 try:
+                    verify = None
                     if nat_cfg is not None:
                         vprune.patch(model, nat_cfg)
                         fn = model
+                        if graphs:
+                            verify = _eager_switch(model._vprune.runtime)
                     else:
                         fn = GraphedForward(model) if graphs else model
-                    row.update(_time_generation(fn, b, cfg, args, device, dtype, scheduler))
+                        if graphs:
+                            fn = _Switchable(fn, model)
+                            verify = fn.eager
+                    row.update(_time_generation(fn, b, cfg, args, device, dtype, scheduler, verify))
                     if nat_cfg is not None:
                         st = vprune.stats(model)
                         row["tokens_computed_fraction"] = st["tokens_computed_fraction"]
@@ -208,14 +254,16 @@ def run(args: argparse.Namespace) -> int:
             if base.get("vanilla-eager"):
                 r["speedup_vs_vanilla_eager"] = base["vanilla-eager"] / r["ms_per_image"]
 
-    print(f"\n{'batch':>5} {'setting':<22} {'ms/image':>9} {'vs graph':>9} {'vs eager':>9} {'computed':>9}")
+    print(f"\n{'batch':>5} {'setting':<22} {'ms/image':>9} {'vs graph':>9} {'vs eager':>9} {'computed':>9} "
+          f"{'graph==eager':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['batch']:>5} {r['setting']:<22} ERROR {r['error']}")
             continue
         fmt = lambda v, s="x": f"{v:.2f}{s}" if isinstance(v, float) else "-"  # noqa: E731
         print(f"{r['batch']:>5} {r['setting']:<22} {r['ms_per_image']:>9.2f} {fmt(r.get('speedup_vs_vanilla_graph')):>9} "
-              f"{fmt(r.get('speedup_vs_vanilla_eager')):>9} {fmt(r.get('tokens_computed_fraction'), ''):>9}")
+              f"{fmt(r.get('speedup_vs_vanilla_eager')):>9} {fmt(r.get('tokens_computed_fraction'), ''):>9} "
+              f"{fmt(r.get('graph_matches_eager'), ''):>8}")
 
     report = {
         "benchmark": "nat", "date": datetime.datetime.now().isoformat(timespec="seconds"),
