@@ -15,7 +15,8 @@ encoder and VQ decoder (random text embeddings, 77 tokens). Per batch size it ti
 
 Every setting runs one untimed warm-up generation (captures graphs) and ``--repeats`` timed ones
 (graph settings then rerun the first timed generation eagerly: ``graph_matches_eager`` is the
-fraction of equal tokens, expected 1.0 since replays run the same kernels);
+fraction of equal tokens: about 1.0 when replays run the same kernels as eager; a low value means
+broken graph bookkeeping);
 the table shows ms per image (= generation time / batch) and speedups vs vanilla-graph and
 vanilla-eager. Random weights say nothing about quality (``vprune eval nat`` measures that on the
 testbed); they do not change the work per step, which the schedule fixes. Needs CUDA and diffusers
