@@ -28,7 +28,7 @@ fi
 # Editable install of this checkout (cheap; re-done every run so a moved checkout is picked up).
 "$VENV/bin/python" -m pip install -q -e "$ROOT" --no-deps
 
-"$VENV/bin/python" - <<'PY'
+"$VENV/bin/python" -W ignore::FutureWarning - <<'PY'
 import timm, torch, transformers
 print(f"compat venv: torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}")
 assert transformers.__version__ == "4.40.1", transformers.__version__
