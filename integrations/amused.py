@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from vprune.config import NATCache, TechniqueConfig
-from vprune.errors import IncompatibleModelError
+from vprune.errors import IncompatibleModelError, NoTargetsError
 from vprune.integrations.registry import Integration
 
 _SUPPORTED_PROCESSORS = ("AttnProcessor2_0",)
@@ -131,10 +131,12 @@ class AmusedIntegration(Integration):
     def check_structure(self, model: Any) -> None:
         cfg = getattr(model, "config", None)
         layers = getattr(model, "transformer_layers", None)
-        if cfg is None or layers is None or len(layers) == 0:
+        if cfg is None or layers is None:
             raise IncompatibleModelError(
-                f"{type(model).__name__} has no `config` or no non-empty `transformer_layers`: "
+                f"{type(model).__name__} has no `config` or no `transformer_layers`: "
                 "not a diffusers UVit2DModel this integration knows")
+        if len(layers) == 0:
+            raise NoTargetsError("UVit2DModel.transformer_layers is empty (num_hidden_layers=0): nothing to hook")
         if getattr(cfg, "downsample", False) or getattr(cfg, "upsample", False):
             raise IncompatibleModelError(
                 f"UVit2DModel with downsample={cfg.downsample}, upsample={cfg.upsample} is not supported: "

@@ -18,7 +18,7 @@ from typing import Any, Dict, Sequence
 import torch
 
 from vprune.config import NATCache, TechniqueConfig
-from vprune.errors import IncompatibleModelError
+from vprune.errors import IncompatibleModelError, NoTargetsError
 from vprune.integrations.registry import Integration
 from vprune.undo import vprune_subclass
 
@@ -64,8 +64,10 @@ class MaskGITIntegration(Integration):
 
     def check_structure(self, model: Any) -> None:
         blocks = getattr(model, "blocks", None)
-        if blocks is None or len(blocks) == 0:
-            raise IncompatibleModelError(f"{type(model).__name__} has no non-empty `blocks` to hook")
+        if blocks is None:
+            raise IncompatibleModelError(f"{type(model).__name__} has no `blocks` to hook")
+        if len(blocks) == 0:
+            raise NoTargetsError(f"{type(model).__name__}.blocks is empty: NATCache has no block to hook")
         if not isinstance(getattr(model, "mask_id", None), int):
             raise IncompatibleModelError(f"{type(model).__name__} has no int `mask_id` (the mask token id)")
         for i, blk in enumerate(blocks):

@@ -181,6 +181,14 @@ def test_structure_check_leaves_model_unchanged():
     assert type(m) is mg.TinyMaskGIT and "_vprune" not in m.__dict__
 
 
+def test_no_blocks_raises_no_targets():
+    m = mg.TinyMaskGIT(mg.MaskGITConfig(dim=16, depth=1, heads=2))
+    m.blocks = torch.nn.ModuleList()
+    with pytest.raises(vprune.NoTargetsError):
+        vprune.patch(m, vprune.NATCache())
+    assert type(m) is mg.TinyMaskGIT
+
+
 def test_failed_patch_is_undone(model, monkeypatch):
     from vprune.integrations import maskgit as integ
 
