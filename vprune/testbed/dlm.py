@@ -7,12 +7,13 @@ The model mirrors the module and attribute layout of LLaDA's remote code (``LLaD
 ``rotary_emb.get_rotary_embedding``), so the LLaDA integration serves it and the real model alike.
 It is written from scratch for vprune; only the names follow LLaDA.
 
-Task ("arithmetic progression"): the prompt gives a start ``a`` (3 digits), a step ``s`` (1 digit,
-1-9) and a bound ``b`` (3 digits), optionally preceded by 0-8 distractor letters (so prompts in a
-batch have different lengths and get left padding). The answer lists ``a, a+s, a+2s, ...`` while
-``<= b`` as zero-padded 3-digit numbers each followed by ``,`` (4 tokens per number), then ``<eos>``
-up to the generation length. Answers are 64-224 tokens long, so a 64-mask window matters, and every
-answer is checked exactly.
+Task ("count from a to b"): the prompt gives a start ``a`` (3 digits), a step ``s`` and a bound
+``b`` (3 digits), optionally preceded by 0-8 distractor letters (so prompts in a batch have
+different lengths and get left padding). The answer lists ``a, a+s, a+2s, ...`` while ``<= b`` as
+zero-padded 3-digit numbers each followed by ``,`` (4 tokens per number), then ``<eos>`` up to the
+generation length. Answers are 64-224 tokens long, so a 64-mask window matters, and every answer
+is checked exactly. The shipped model is trained with step 1 (``MAX_STEP``): a tiny model trained
+for minutes on one CPU thread learns counting with carries but not general steps.
 
 Tokens: ``<pad>`` 0, ``<mask>`` 1, ``<bos>`` 2, ``<eos>`` 3, ``<ans>`` 4, ``+`` 5, ``<`` 6, ``,`` 7,
 digits ``0``-``9`` 8-17, letters ``a``-``h`` 18-25.
@@ -79,9 +80,13 @@ class Problem:
         return ans + [EOS_ID] * (gen_length - len(ans))
 
 
-def sample_problem(rng: random.Random, min_numbers: int = 16, max_numbers: int = 56) -> Problem:
+MAX_STEP = 1  # steps are drawn from 1..MAX_STEP
+
+
+def sample_problem(rng: random.Random, min_numbers: int = 16, max_numbers: int = 56,
+                   max_step: int = MAX_STEP) -> Problem:
     """A random problem whose answer has ``min_numbers``..``max_numbers`` numbers (4 tokens each)."""
-    step = rng.randint(1, 9)
+    step = rng.randint(1, max_step)
     count = rng.randint(min_numbers, max_numbers)
     hi = 999 - (count - 1) * step
     start = rng.randint(0, max(0, hi))

@@ -2,10 +2,16 @@
 
     python -m vprune.testbed.train_dlm [--steps N] [--seed S] [--out DIR]
 
+The shipped weights come from two seeded stages (about 40 + 20 minutes on one busy CPU thread):
+
+    python -m vprune.testbed.train_dlm --steps 900 --seed 0 --max-step 9 --out /tmp/stage1
+    python -m vprune.testbed.train_dlm --init /tmp/stage1/dlm_testbed.safetensors --steps 600 \
+        --lr 2e-3 --seed 2 --prefix-frac 0.5 --max-step 1
+
 Masked-diffusion SFT objective (LLaDA's): per sequence a mask ratio t ~ U(eps, 1); each answer
 token (answer numbers and the ``<eos>`` tail) is replaced by ``<mask>`` with probability t; the loss
 is the mean cross-entropy over masked tokens (LLaDA's 1/t weighting is dropped: lower variance,
-faster on this budget). The prompt is never masked. Seeded, CPU, single-threaded; about 9 minutes.
+faster on this budget). The prompt is never masked. Seeded, CPU, single-threaded.
 """
 from __future__ import annotations
 
@@ -73,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=dlm.HERE)
+    ap.add_argument("--max-step", type=int, default=dlm.MAX_STEP, help="progression steps drawn from 1..this")
     ap.add_argument("--init", default=None, help="start from these weights (a previous stage's safetensors)")
     ap.add_argument("--prefix-frac", type=float, default=0.0,
                     help="fraction of sequences masked as a revealed prefix + masks (see diffusion_loss)")
@@ -100,7 +107,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     ema = None
     for step in range(args.steps):
-        probs = [dlm.sample_problem(rng) for _ in range(args.batch)]
+        probs = [dlm.sample_problem(rng, max_step=args.max_step) for _ in range(args.batch)]
         ids, att, ansm = make_batch(probs, rng, gen)
         loss = diffusion_loss(model, ids, att, ansm, gen, prefix_frac=args.prefix_frac)
         opt.zero_grad(set_to_none=True)
