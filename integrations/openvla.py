@@ -54,7 +54,8 @@ Defaults (``default_config``): strategy "dual"; K = 3 for an LLM of >= 12 layers
 for shallower ones (so a 6-layer LLM prunes from layer 1, a 4-layer one from 1, 8 layers from 2) and never
 past the last layer; action layer = (depth - 1) // 2 (15 of 32, the paper's layer).
 
-Limitations: StaticCache is not supported (pruned layers would need padded columns); a plain forward of a
+Limitations: ``generate`` must decode with the KV cache (a second empty-cache forward inside one
+``generate`` call raises: each token would otherwise count as a new control step); StaticCache is not supported (pruned layers would need padded columns); a plain forward of a
 pruned model returns logits of the pruned length (``generate`` is unaffected); the mask must be a tensor
 or None (flex-attention BlockMasks are not supported); batch rows share one visual layout.
 """
@@ -69,7 +70,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from vprune.config import TechniqueConfig, VisualPruning
-from vprune.errors import IncompatibleModelError, MissingInputsError
+from vprune.errors import IncompatibleModelError, MissingInputsError, VPruneError
 from vprune.kernels import gather_rows
 from vprune.integrations import _compat
 from vprune.integrations.registry import Integration
@@ -154,6 +155,7 @@ class _Runtime:
     action_rows: int = 0
     decode_steps: int = 0
     query_rows: int = 1                           # action-query rows at the end of the prefill
+    generate_prefills: Optional[int] = None       # empty-cache forwards in the running generate()
     control_steps: int = 0
     last: Optional[Dict[str, Any]] = None         # what the last prefill decided (tensors, for stats)
 
@@ -225,6 +227,31 @@ def _forward_for(original: type) -> Any:
 
     _FORWARDS[original] = forward
     return forward
+
+
+_GENERATES: Dict[type, Any] = {}
+
+
+def _generate_for(original: type) -> Any:
+    """The patched ``generate``: marks one generate call, so that a second empty-cache forward inside
+    it (decoding without a KV cache) is caught instead of being taken for a new control step."""
+    fn = _GENERATES.get(original)
+    if fn is not None:
+        return fn
+
+    @functools.wraps(original.generate)
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        state = _state_of(self)
+        if state is None or state.runtime.generate_prefills is not None:  # unpatched, or nested
+            return original.generate(self, *args, **kwargs)
+        state.runtime.generate_prefills = 0
+        try:
+            return original.generate(self, *args, **kwargs)
+        finally:
+            state.runtime.generate_prefills = None
+
+    _GENERATES[original] = generate
+    return generate
 
 
 def _patched_reset(self, *args: Any, **kwargs: Any) -> Any:
@@ -331,6 +358,8 @@ class OpenVLAIntegration(Integration):
         namespace: Dict[str, Any] = {"forward": _forward_for(original)}
         if callable(getattr(original, "reset", None)):
             namespace["reset"] = _patched_reset
+        if callable(getattr(original, "generate", None)):
+            namespace["generate"] = _generate_for(original)
         cls = vprune_subclass(original, namespace, tag="openvla")
         state.undo.swap_class(model, cls)
 
@@ -379,6 +408,14 @@ class OpenVLAIntegration(Integration):
             rt.phase = "decode" if rt.active else "idle"
             return
         # A new control step (empty cache): close the previous one, check the inputs.
+        if rt.generate_prefills is not None:
+            rt.generate_prefills += 1
+            if rt.generate_prefills > 1:
+                raise VPruneError(
+                    f"generate() on patched {type(model).__mro__[1].__name__} ran the whole prompt again "
+                    f"without a KV cache (use_cache=False, or a host that drops the cache between steps): "
+                    f"every action token would count as a new control step of the pruning history. "
+                    f"Generate with use_cache=True")
         rt.commit_action()
         rt.clear_step()
         cls_name = type(model).__mro__[1].__name__

@@ -483,6 +483,19 @@ def test_vision_tower_skipped_by_host_raises():
     vprune.unpatch(m)
 
 
+@pytest.mark.parametrize("kind", ["tiny", "testbed"])
+def test_generate_without_kv_cache_raises(kind):
+    m = _host(kind)
+    ids, pix = T.inputs(seed=19)
+    vprune.patch(m, keep=0.25)
+    with pytest.raises(vprune.errors.VPruneError, match="use_cache=True"):
+        _act(m, ids, pix, use_cache=False)
+    assert _runtime(m).generate_prefills is None
+    _act(m, ids, pix)  # with the cache it works; the history saw one control step per call
+    assert vprune.stats(m)["control_steps"] == 2
+    vprune.unpatch(m)
+
+
 def test_remote_code_generate_on_new_transformers_raises_naming_the_bug():
     """OpenVLA's prepare_inputs_for_generation ('past_key_values is not None') on transformers >= 4.50
     turns the first generate step into a 1-token decode without the image: the patched model says so.
