@@ -1,22 +1,24 @@
 """A tiny closed-loop 2D manipulation task for the testbed robot policy (numpy + PIL, seeded).
 
-The scene is a ``size`` x ``size`` RGB image (64 px by default) on a table-coloured background with
-a fixed, per-episode texture. Three objects of distinct colours (red, green, blue, yellow, purple)
-and random shapes (square, circle, triangle) lie on the table; one of them is the target, named in
-the instruction ("pick up the red square"), the others are distractors. A white, open, U-shaped
-gripper starts elsewhere.
+Three objects of distinct colours (red, green, blue, yellow, purple) and random shapes (square,
+circle, triangle) lie on a textured table; one is the target, named in the instruction ("pick up the
+red square"), the others are distractors. A white, open, U-shaped gripper moves above them.
+
+The camera is mounted on the gripper (a wrist view, ``egocentric=True``, the default): the
+``size`` x ``size`` frame (64 px) is centred on the gripper, which is always drawn at the centre, and
+the table, its texture and the objects shift as the gripper moves. Objects and the gripper start in
+a 29 px region, so the target is always in view. ``egocentric=False`` renders a fixed top-down view.
 
 Action: ``[dx, dy, grip]`` in [-1, 1]. The gripper moves by ``round(dx * max_step)``,
-``round(dy * max_step)`` pixels (``max_step`` = 2) and stays inside the image; ``grip > 0`` closes
-it, which ends the episode: success if the gripper centre is within ``tolerance`` (3 px, Chebyshev)
-of the target's centre, failure otherwise (closing on a distractor or on the table). An episode
-also ends, failed, after ``max_steps`` (48) steps.
+``round(dy * max_step)`` pixels (``max_step`` = 1); ``grip > 0`` closes it, which ends the episode:
+success if the gripper centre is within ``tolerance`` (2 px, Chebyshev) of the target's centre,
+failure otherwise (closing on a distractor or on the table). An episode also ends, failed, after
+``max_steps`` (48) steps.
 
-Only the gripper moves, by at most 2 px a step, so consecutive frames are temporally continuous
-(the setting the dual strategy's action-attention history is made for).
+Consecutive frames are temporally continuous: the scene shifts by at most one pixel a step.
 
-The scripted expert (``expert_action``) moves straight to the target at full speed, slows to land
-exactly on it, and closes when within 1 px. Expert episodes take 9-26 steps (about 16 on average).
+The scripted expert (``expert_action``) moves straight to the target one pixel per step and closes
+when within 1 px. Expert episodes take 12-28 steps (about 19 on average).
 
     env = PickEnv(seed=0)
     obs = env.reset()                       # {"image": uint8 [H, W, 3], "instruction": str}
@@ -60,10 +62,13 @@ class PickEnv:
     """
 
     def __init__(self, seed: Optional[int] = None, size: int = 64, n_objects: int = 3,
-                 max_steps: int = 48, max_step: int = 2, tolerance: int = 3, object_size: int = 8):
+                 max_steps: int = 48, max_step: int = 1, tolerance: int = 2, object_size: int = 8,
+                 egocentric: bool = True, spread: int = 29):
         if not 1 <= n_objects <= len(COLORS):
             raise ValueError(f"n_objects={n_objects} is invalid: allowed 1..{len(COLORS)}")
         self.size = size
+        self.egocentric = egocentric
+        self.spread = spread
         self.n_objects = n_objects
         self.max_steps = max_steps
         self.max_step = max_step
@@ -87,24 +92,28 @@ class PickEnv:
             self._rng = np.random.default_rng(seed)
         rng = self._rng
         s, half = self.size, self.object_size // 2
-        lo, hi = half + 2, s - half - 3
+        if self.egocentric:  # everything within ``spread`` px, so the target is always in view
+            lo = (s - self.spread) // 2
+            hi = lo + self.spread - 1
+        else:
+            lo, hi = half + 2, s - half - 3
         colors = rng.choice(len(COLORS), size=self.n_objects, replace=False)
         names = list(COLORS)
         self.objects = []
         while len(self.objects) < self.n_objects:
             x, y = (int(v) for v in rng.integers(lo, hi + 1, size=2))
-            if all(max(abs(x - o.x), abs(y - o.y)) >= 2 * self.object_size for o in self.objects):
+            if all(max(abs(x - o.x), abs(y - o.y)) >= self.object_size + 4 for o in self.objects):
                 shape = SHAPES[int(rng.integers(len(SHAPES)))]
                 self.objects.append(SceneObject(names[colors[len(self.objects)]], shape, x, y))
         self.target = int(rng.integers(self.n_objects))
         t = self.objects[self.target]
         while True:
-            g = rng.integers(6, s - 6, size=2)
-            if max(abs(int(g[0]) - t.x), abs(int(g[1]) - t.y)) >= 2 * self.object_size:
+            g = rng.integers(lo, hi + 1, size=2) if self.egocentric else rng.integers(6, s - 6, size=2)
+            if max(abs(int(g[0]) - t.x), abs(int(g[1]) - t.y)) >= self.object_size + 4:
                 break
         self.gripper = g.astype(np.int64)
         # a static per-episode texture: the only thing that changes between frames is the gripper
-        self._texture = rng.integers(-8, 9, size=(s, s, 1)).astype(np.int16)
+        self._texture = rng.integers(-8, 9, size=(2 * s, 2 * s, 1)).astype(np.int16)
         self.steps = 0
         self.done = False
         self.closed = False
@@ -160,26 +169,33 @@ class PickEnv:
     def render(self) -> np.ndarray:
         """The current frame: uint8 [size, size, 3]."""
         s, half = self.size, self.object_size // 2
+        # world -> view shift: the wrist view keeps the gripper at the centre
+        if self.egocentric:
+            ox, oy = s // 2 - int(self.gripper[0]), s // 2 - int(self.gripper[1])
+        else:
+            ox, oy = 0, 0
         img = Image.new("RGB", (s, s), BACKGROUND)
         draw = ImageDraw.Draw(img)
         for o in self.objects:
-            box = [o.x - half, o.y - half, o.x + half - 1, o.y + half - 1]
+            x, y = o.x + ox, o.y + oy
+            box = [x - half, y - half, x + half - 1, y + half - 1]
             c = COLORS[o.color]
             if o.shape == "square":
                 draw.rectangle(box, fill=c)
             elif o.shape == "circle":
                 draw.ellipse(box, fill=c)
             else:
-                draw.polygon([(o.x, o.y - half), (o.x - half, o.y + half - 1),
-                              (o.x + half - 1, o.y + half - 1)], fill=c)
-        gx, gy = int(self.gripper[0]), int(self.gripper[1])
+                draw.polygon([(x, y - half), (x - half, y + half - 1), (x + half - 1, y + half - 1)], fill=c)
+        gx, gy = int(self.gripper[0]) + ox, int(self.gripper[1]) + oy
         w = 1 if self.closed else half + 1
         # U-shaped gripper: a bar above the centre and two prongs around it (closed: prongs together)
         draw.rectangle([gx - w - 1, gy - half - 2, gx + w + 1, gy - half - 1], fill=GRIPPER_COLOR)
         draw.rectangle([gx - w - 1, gy - half - 2, gx - w, gy + 2], fill=GRIPPER_COLOR)
         draw.rectangle([gx + w, gy - half - 2, gx + w + 1, gy + 2], fill=GRIPPER_COLOR)
         arr = np.asarray(img, dtype=np.int16)
-        arr = arr + self._texture if self._texture is not None else arr
+        if self._texture is not None:  # the texture is fixed to the table (world), so it moves too
+            tx, ty = s // 2 - ox, s // 2 - oy
+            arr = arr + self._texture[ty:ty + s, tx:tx + s]
         return np.clip(arr, 0, 255).astype(np.uint8)
 
 
