@@ -4,8 +4,8 @@
 
 The testbed (``vprune.testbed.dlm``) writes arithmetic progressions of 64-224 tokens into a
 256-token answer; every answer is checked exactly. Prompts in a batch have different lengths and are
-left-padded. Reports exact-match accuracy, accuracy relative to vanilla, token accuracy, decoded
-tokens per step, model
+left-padded. Reports exact-match accuracy, accuracy relative to vanilla, token accuracy, the
+fraction of answer tokens equal to the vanilla sampler's, decoded tokens per step, model
 forwards' computed tokens relative to vanilla, and wall time (CPU).
 """
 from __future__ import annotations
@@ -51,11 +51,12 @@ def evaluate(n: int = 32, batch: int = 16, seed: int = 1234, block_length: Optio
     g = dlm.GEN_LENGTH
     rows: List[Dict[str, Any]] = []
     base_acc = base_tok = None
+    vanilla_out: Dict[int, torch.Tensor] = {}
     for idx, (name, cfg, thr) in enumerate(SETTINGS):
         if only is not None and idx not in only and idx != 0:
             continue
         ok: List[bool] = []
-        tok_ok = tok_n = 0
+        tok_ok = tok_n = agree = 0
         steps = computed = 0
         t0 = time.time()
         for s in range(0, n, batch):
@@ -68,6 +69,9 @@ def evaluate(n: int = 32, batch: int = 16, seed: int = 1234, block_length: Optio
             tgt = torch.tensor([p.target(g) for p in ps])
             tok_ok += int((out[:, -g:] == tgt).sum())
             tok_n += tgt.numel()
+            if idx == 0:
+                vanilla_out[s] = out[:, -g:]
+            agree += int((out[:, -g:] == vanilla_out[s]).sum())
             steps += st["steps"]
             computed += st["computed_tokens"]
         acc = sum(ok) / len(ok)
@@ -76,12 +80,12 @@ def evaluate(n: int = 32, batch: int = 16, seed: int = 1234, block_length: Optio
         n_batches = -(-n // batch)
         row = dict(setting=name, config=None if cfg is None else cfg.to_dict(), threshold=thr, accuracy=acc,
                    relative_accuracy=acc / base_acc if base_acc else float("nan"),
-                   token_accuracy=tok_ok / tok_n,
+                   token_accuracy=tok_ok / tok_n, token_agreement_with_vanilla=agree / tok_n,
                    tokens_per_step=g * n_batches / steps, computed_tokens_rel=computed / base_tok,
                    seconds=time.time() - t0)
         rows.append(row)
         log(f"{name:28s} acc {acc:6.1%}  rel {row['relative_accuracy']:6.1%}  token acc {row['token_accuracy']:6.1%}"
-            f"  tok/step {row['tokens_per_step']:5.2f}"
+            f"  same as vanilla {row['token_agreement_with_vanilla']:6.1%}  tok/step {row['tokens_per_step']:5.2f}"
             f"  computed {row['computed_tokens_rel']:6.1%}  {row['seconds']:6.1f}s")
     return rows
 
