@@ -124,6 +124,32 @@ def _gather_seq(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.gather(x, dim, view.expand(expand))
 
 
+def _gather_prefill_mask(mask: torch.Tensor, keep: torch.Tensor, length: int) -> torch.Tensor:
+    """A prefill mask for the pruned layers: 4-D [B|1, 1|H, L, T] rows and the first L columns gathered
+    by ``keep`` [B, L'] (columns past L kept as they are); 2-D [B, L] (FlashAttention) columns gathered."""
+    if mask.dim() == 4:
+        if mask.shape[2] == length:
+            mask = _gather_seq(mask.expand(keep.shape[0], *mask.shape[1:]), keep, 2)
+        if mask.shape[3] == length:
+            mask = _gather_seq(mask, keep, 3)
+        elif mask.shape[3] > length:
+            mask = torch.cat([_gather_seq(mask[..., :length], keep, 3), mask[..., length:]], dim=3)
+    elif mask.dim() == 2 and mask.shape[1] == length:
+        mask = _gather_seq(mask, keep, 1)
+    return mask
+
+
+def _gather_decode_mask(mask: torch.Tensor, keep: torch.Tensor, length: int) -> torch.Tensor:
+    """A decode-step mask for the pruned layers: columns = kept prompt positions, then every position
+    after the prompt (the pruned layers' cache holds exactly those). mask: 4-D [B|1, 1|H, q, T] or 2-D [B, T]."""
+    b = keep.shape[0]
+    after = torch.arange(length, mask.shape[-1], device=keep.device).view(1, -1).expand(b, -1)
+    idx = torch.cat([keep, after], dim=1)
+    if mask.dim() == 4:
+        return _gather_seq(mask.expand(b, *mask.shape[1:]), idx, 3)
+    return _gather_seq(mask, idx, 1)
+
+
 def _bool_allowed(mask: torch.Tensor) -> torch.Tensor:
     """A mask (bool True = attend, or additive float 0 / large negative) as bool allowed."""
     if mask.dtype == torch.bool:
@@ -156,6 +182,16 @@ class _Runtime:
     decode_steps: int = 0
     query_rows: int = 1                           # action-query rows at the end of the prefill
     generate_prefills: Optional[int] = None       # empty-cache forwards in the running generate()
+    memo: Dict[str, Tuple[Any, Any]] = field(default_factory=dict)  # per-call gathered layer inputs
+
+    def memo_get(self, name: str, original: Any, make: Any) -> Any:
+        """``make()``, computed once per call for the same ``original`` object (layers >= K share them)."""
+        hit = self.memo.get(name)
+        if hit is not None and hit[0] is original:
+            return hit[1]
+        value = make()
+        self.memo[name] = (original, value)
+        return value
     control_steps: int = 0
     last: Optional[Dict[str, Any]] = None         # what the last prefill decided (tensors, for stats)
 
@@ -219,11 +255,13 @@ def _forward_for(original: type) -> Any:
         state = _state_of(self)
         if state is None:  # being patched/unpatched: behave as the host
             return original.forward(self, *args, **kwargs)
+        state.runtime.memo.clear()
         state.integration._begin_call(self, state, original, args, kwargs)
         try:
             return original.forward(self, *args, **kwargs)
         finally:
             state.runtime.phase = "idle"
+            state.runtime.memo.clear()
 
     _FORWARDS[original] = forward
     return forward
@@ -631,38 +669,27 @@ class OpenVLAIntegration(Integration):
                 elif hidden.shape[1] != keep.shape[1]:
                     raise RuntimeError(f"pruned layer got {hidden.shape[1]} tokens, expected {length} or "
                                        f"{keep.shape[1]}")
+                # every layer >= K gets the same position / mask objects: gather them once per call
                 pid = kw.get("position_ids")
                 if isinstance(pid, torch.Tensor) and pid.shape[-1] == length:
-                    kw["position_ids"] = _gather_seq(pid.view(-1, length), keep, 1)
+                    kw["position_ids"] = rt.memo_get("position_ids", pid, lambda: _gather_seq(pid.view(-1, length), keep, 1))
                 pe = kw.get("position_embeddings")
                 if isinstance(pe, (tuple, list)) and pe[0].shape[-2] == length:
-                    kw["position_embeddings"] = (_gather_seq(pe[0], keep, 1), _gather_seq(pe[1], keep, 1))
+                    kw["position_embeddings"] = rt.memo_get(
+                        "position_embeddings", pe, lambda: (_gather_seq(pe[0], keep, 1), _gather_seq(pe[1], keep, 1)))
                 cp = kw.get("cache_position")
                 if isinstance(cp, torch.Tensor) and cp.dim() == 1 and cp.shape[0] == length:
-                    kw["cache_position"] = cp.index_select(0, keep[0])  # only a StaticCache reads it
+                    kw["cache_position"] = rt.memo_get("cache_position", cp, lambda: cp.index_select(0, keep[0]))
                 mask = kw.get("attention_mask")
                 if isinstance(mask, torch.Tensor):
-                    if mask.dim() == 4:
-                        if mask.shape[2] == length:
-                            mask = _gather_seq(mask.expand(keep.shape[0], *mask.shape[1:]), keep, 2)
-                        if mask.shape[3] >= length:
-                            mask = _gather_seq(mask, keep, 3) if mask.shape[3] == length else \
-                                torch.cat([_gather_seq(mask[..., :length], keep, 3), mask[..., length:]], dim=3)
-                    elif mask.dim() == 2 and mask.shape[1] == length:
-                        mask = _gather_seq(mask, keep, 1)
-                    kw["attention_mask"] = mask
+                    kw["attention_mask"] = rt.memo_get("attention_mask", mask,
+                                                       lambda: _gather_prefill_mask(mask, keep, length))
                 return args, kw
             # decode: gather the mask columns of the prompt part (generated columns follow as they are)
             mask = kw.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.shape[-1] >= length:
-                cols = mask.shape[-1]
-                b = keep.shape[0]
-                idx = torch.cat([keep, torch.arange(length, cols, device=keep.device).view(1, -1).expand(b, -1)],
-                                dim=1)
-                if mask.dim() == 4:
-                    kw["attention_mask"] = _gather_seq(mask.expand(b, *mask.shape[1:]), idx, 3)
-                elif mask.dim() == 2:
-                    kw["attention_mask"] = _gather_seq(mask, idx, 1)
+            if isinstance(mask, torch.Tensor) and mask.dim() in (2, 4) and mask.shape[-1] >= length:
+                kw["attention_mask"] = rt.memo_get("decode_mask", mask,
+                                                   lambda: _gather_decode_mask(mask, keep, length))
                 return args, kw
             return None
         return hook
