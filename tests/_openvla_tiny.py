@@ -8,8 +8,6 @@ cached decode step; ``prepare_inputs_for_generation`` treats any cache object as
 from the last 256 vocabulary ids.
 """
 from functools import partial
-from typing import Any, Dict, Optional
-
 import numpy as np
 import torch
 import torch.nn as nn

@@ -46,8 +46,6 @@ def _host(kind, seed=0, fused=False, attn="sdpa"):
 
 
 def _act(model, ids, pix, **kw):
-    if hasattr(model, "get_action_dim"):  # testbed: predict_action(input_ids, pixel_values=...)
-        return np.asarray(model.predict_action(ids, pixel_values=pix, **kw))
     return np.asarray(model.predict_action(ids, pixel_values=pix, **kw))
 
 
@@ -281,21 +279,20 @@ def test_scores_match_eager_attention_weights():
     # action layer 2 >= K: pruned visual columns hidden as keys from layer 1 on
     pruned = [1 + j for j in range(n) if j not in kept]
     bad = torch.ones(mm.shape[1], mm.shape[1], dtype=torch.bool).triu(1)
-    full = torch.zeros_like(bad)
     bad_pruned = bad.clone()
     bad_pruned[:, pruned] = True
-    masks = {}
 
-    def hook(mod, args, kwargs):
-        kw = dict(kwargs)
-        kw["attention_mask"] = torch.zeros(bad.shape).masked_fill(masks["m"], torch.finfo(torch.float32).min)[None, None]
-        return args, kw
+    def hook_for(bad_keys):
+        additive = torch.zeros(bad_keys.shape).masked_fill(bad_keys, torch.finfo(torch.float32).min)[None, None]
 
-    handles = []
-    for i, layer in enumerate(_layers(m)):
-        handles.append(layer.register_forward_pre_hook(
-            (lambda mm_: (lambda mod, a, kw: (masks.__setitem__("m", mm_), hook(mod, a, kw))[1]))(
-                bad if i < 1 else bad_pruned), with_kwargs=True))
+        def hook(mod, args, kwargs):
+            kw = dict(kwargs)
+            kw["attention_mask"] = additive
+            return args, kw
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(bad if i < 1 else bad_pruned), with_kwargs=True)
+               for i, layer in enumerate(_layers(m))]
     try:
         out = m.language_model(inputs_embeds=mm, output_attentions=True)
     finally:
@@ -305,7 +302,6 @@ def test_scores_match_eager_attention_weights():
     want = rows.mean(0, keepdim=True)
     assert torch.all(want[0, [j for j in range(n) if j not in kept]] == 0)
     torch.testing.assert_close(act, want, atol=1e-6, rtol=1e-5)
-    del full
 
 
 def test_prefill_mean_semantic_variant_runs_and_prunes():
@@ -469,17 +465,21 @@ def test_prefill_without_pixels_raises():
     vprune.unpatch(m)
 
 
+class HostSkippingVision(T.OpenVLAForActionPrediction):
+    """A broken host: given pixel_values, it still runs the LLM on the text alone."""
+
+    def forward(self, input_ids=None, pixel_values=None, past_key_values=None, use_cache=None, **kwargs):
+        return self.language_model(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache)
+
+
 def test_vision_tower_skipped_by_host_raises():
-    """A host that takes a prefill without running its projector (here: forced) is caught at layer 0."""
-    m = T.build()
+    """The projector never ran in a prefill: caught at the LLM's first layer, before any compute."""
+    torch.manual_seed(0)
+    m = HostSkippingVision(T.build().config).eval()
     ids, pix = T.inputs(seed=15)
     vprune.patch(m, keep=0.25)
     with pytest.raises(MissingInputsError, match="vision tower"):
-        # pixel_values given, but the LLM is called directly with text only (the projector never runs)
-        m._vprune.integration._begin_call(m, m._vprune, T.OpenVLAForActionPrediction, (),
-                                          {"input_ids": ids, "pixel_values": pix})
-        m.language_model(input_ids=ids)
-    m._vprune.runtime.phase = "idle"
+        m(input_ids=ids, pixel_values=pix, use_cache=True)
     vprune.unpatch(m)
 
 
