@@ -23,7 +23,8 @@ One control step (one ``predict_action`` / ``generate`` call) runs like this:
    captured. At decoder layer K-1 a hook recomputes the last prompt row's attention over the visual keys
    (``semantic="last"``; ``"prefill_mean"`` averages every prefill row): the semantic score, [B, N].
    The action score is the smoothed history of the previous ``history`` control steps
-   (``vprune.temporal``). The strategy (default ``dual``: union of both top-M sets, cut to M by
+   (``vprune.temporal``); a row with no recorded step yet (only with ``warmup`` < 1) uses its semantic
+   score instead, so ``dual`` then keeps the semantic top-M. The strategy (default ``dual``: union of both top-M sets, cut to M by
    greedy max-min cosine diversity over the visual embeddings) picks M tokens per image.
    Layers K.. receive only [BOS, kept visual tokens, prompt]: a pre-hook on every layer >= K hands it
    the gathered hidden states, position ids / RoPE cos-sin, 4-D mask rows and columns; kept tokens keep
