@@ -66,8 +66,13 @@ def build_policy(shape: Dict[str, Any], device: torch.device, dtype: torch.dtype
     cfg._attn_implementation = "sdpa"
     text._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with default_dtype_device(dtype, device):
-        policy = TestbedVLAPolicy(cfg)
+    try:
+        with default_dtype_device(dtype, device):
+            policy = TestbedVLAPolicy(cfg)
+    except RuntimeError as exc:  # an initialiser without a kernel for ``dtype``: create in fp32 on the device
+        print(f"note: creating the policy in {dtype} failed ({exc}); creating it in float32 on {device} and casting")
+        with default_dtype_device(torch.float32, device):
+            policy = TestbedVLAPolicy(cfg)
     policy = policy.to(device=device, dtype=dtype).eval()
     if hasattr(policy, "set_attn_implementation"):
         try:

@@ -291,6 +291,11 @@ def run_llava(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         inputs = llava_inputs(shape, batch, args.text_len, device, dtype)
         seq_len = inputs["input_ids"].shape[1]
         with torch.no_grad():
+            logits = model(**inputs, logits_to_keep=1).logits
+        if not bool(torch.isfinite(logits).all()):
+            raise SystemExit("the random-weight model produced non-finite logits; the benchmark needs finite "
+                             "scores (check how this transformers version initialises LlavaForConditionalGeneration)")
+        with torch.no_grad():
             base_prefill = timer(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device, warmup, iters)
             vision = timer(lambda: llava_image_embeds(model, inputs["pixel_values"]), device, warmup, iters)
             base_gen = (timer(lambda: model.generate(**inputs, **gen_kw), device, gwarm, giters)
