@@ -69,6 +69,26 @@ def collect(n_episodes: int, noise: float, near: int, seed: int) -> Tuple[np.nda
     return np.stack(frames), texts, np.stack(actions).astype(np.float32), np.asarray(where, dtype=np.int64)
 
 
+def patch_classes(frames: np.ndarray, patch: int, chunk: int = 1000) -> np.ndarray:
+    """Per-patch class of each frame, int64 [N, (H/patch)^2]: 0 table, 1..5 the object colours (in
+    ``COLORS`` order), 6 the gripper -- the class covering most of the patch's non-table pixels."""
+    from .sim import COLORS, GRIPPER_COLOR
+
+    palette = np.array(list(COLORS.values()) + [GRIPPER_COLOR], dtype=np.int16)  # [6, 3]
+    out = []
+    for i in range(0, len(frames), chunk):
+        f = frames[i:i + chunk].astype(np.int16)
+        n, h, w, _ = f.shape
+        diff = np.abs(f[:, :, :, None, :] - palette[None, None, None]).max(-1)  # [n, h, w, 6]
+        cls = np.where(diff.min(-1) <= 12, diff.argmin(-1) + 1, 0)
+        g = h // patch
+        cls = cls.reshape(n, g, patch, g, patch).transpose(0, 1, 3, 2, 4).reshape(n, g * g, patch * patch)
+        counts = np.stack([(cls == c).sum(-1) for c in range(1, 8)], -1)  # [n, g*g, 7]
+        best = counts.argmax(-1) + 1
+        out.append(np.where(counts.max(-1) >= 4, best, 0))
+    return np.concatenate(out).astype(np.int64)
+
+
 def init_sincos_pos_embed(vit: torch.nn.Module) -> None:
     """Start the ViT's learned position embedding from a 2D sin-cos table (row and column halves),
     which makes patch coordinates linearly readable from the first step; it stays trainable."""
@@ -113,6 +133,7 @@ def main(argv: Any = None) -> int:
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--aux", type=float, default=0.5, help="weight of the auxiliary where-is-what loss")
+    p.add_argument("--aux-patch", type=float, default=0.5, help="weight of the per-patch content loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default=None, help="start from these weights (safetensors) instead of scratch")
     p.add_argument("--threads", type=int, default=1)
@@ -153,11 +174,15 @@ def main(argv: Any = None) -> int:
     grid = config.image_size // config.patch_size
     aux = torch.nn.Linear(hidden_size, 2 * grid * grid + 4)
     where_t = torch.from_numpy(where)
+    # dense auxiliary labels: what each patch shows (training only, through a linear head on the
+    # projector output that is not shipped)
+    pcls = torch.from_numpy(patch_classes(frames, config.patch_size))
+    aux_patch = torch.nn.Linear(hidden_size, 7)
     patch_of = lambda x, y: (y // config.patch_size) * grid + (x // config.patch_size)  # noqa: E731
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
-    decay = [p for n_, p in model.named_parameters() if p.ndim >= 2] + [aux.weight]
-    no_decay = [p for n_, p in model.named_parameters() if p.ndim < 2] + [aux.bias]
+    decay = [p for n_, p in model.named_parameters() if p.ndim >= 2] + [aux.weight, aux_patch.weight]
+    no_decay = [p for n_, p in model.named_parameters() if p.ndim < 2] + [aux.bias, aux_patch.bias]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
     warm = max(1, args.steps // 20)
@@ -170,7 +195,7 @@ def main(argv: Any = None) -> int:
         idx = torch.randint(0, n, (args.batch,), generator=gen)
         pix = image_to_pixel_values(list(pix_all[idx].numpy()))
         ids = torch.cat([ids_all[idx], act_ids[idx]], dim=1)
-        emb, _, _, _ = model.embed_multimodal(ids, pix)
+        emb, _, _, projected = model.embed_multimodal(ids, pix)
         hidden = lm.model(inputs_embeds=emb, use_cache=False).last_hidden_state
         # positions whose next token is an action token
         pos = hidden[:, -ACTION_DIM - 1:-1]
@@ -185,9 +210,13 @@ def main(argv: Any = None) -> int:
                         + F.cross_entropy(a_out[:, g2:2 * g2], patch_of(w[:, 2], w[:, 3]))
                         + F.mse_loss(a_out[:, 2 * g2:], w.float() / config.image_size * 2 - 1) * 4)
             loss = loss + args.aux * aux_loss
+        if args.aux_patch > 0:
+            pl = aux_patch(projected)
+            loss = loss + args.aux_patch * F.cross_entropy(pl.reshape(-1, 7), pcls[idx].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters())
+                                       + list(aux_patch.parameters()), 1.0)
         opt.step()
         sched.step()
         with torch.no_grad():
@@ -214,7 +243,7 @@ def main(argv: Any = None) -> int:
           for k in tkeep}
     cfg = {k: cfg[k] for k in keep}
     cfg["text_config"] = tc
-    cfg["training"] = {k: getattr(args, k) for k in ("episodes", "noise", "near", "steps", "batch", "lr", "aux", "seed", "init")}
+    cfg["training"] = {k: getattr(args, k) for k in ("episodes", "noise", "near", "steps", "batch", "lr", "aux", "aux_patch", "seed", "init")}
     with open(os.path.join(args.out, "vla_policy_config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     tok.save(os.path.join(args.out, "vocab.json"))
