@@ -19,7 +19,10 @@ Prompt layout (what ``VLMTokenizer.prompt`` builds, LLaVA-1.5 style with the ima
     batch = collate(samples, tok)                 # left-padded input_ids, attention_mask, pixel_values
     words = answer(model, tok, samples)           # greedy generate(max_new_tokens=1), one word each
 
-Tested with transformers 5.17 and 5.24 (the loader maps state-dict key layouts of 4.4x/5.x).
+Tested with transformers 5.24 (CPU); written for 5.17+ (the GPU machines). The loader maps the
+state-dict key layouts of 4.4x and 5.x, but transformers 4.40's LLaVA expects one ``<image>`` token per
+image in the prompt (it expands it itself), so prompts built here (already expanded, as processors of
+newer versions do) do not run there.
 """
 from __future__ import annotations
 
