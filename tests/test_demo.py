@@ -1,0 +1,30 @@
+"""`vprune demo` and `vprune eval vla` end to end on the shipped testbed policy (tiny settings)."""
+import json
+
+from PIL import Image
+
+from vprune.cli import main
+
+
+def test_demo_prints_table_and_writes_png(tmp_path, capsys):
+    png, js = tmp_path / "demo.png", tmp_path / "demo.json"
+    assert main(["demo", "--episodes", "1", "--png", str(png), "--json", str(js), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "unpruned" in out and "dual 25%" in out and "LLM FLOPs skipped" in out
+    assert Image.open(png).size[0] > 256
+    rows = json.loads(js.read_text())["rows"]
+    assert rows[0]["visual_tokens_per_step"] == 64
+    assert rows[1]["visual_tokens_per_step"] < 64 and rows[1]["flops_skipped_frac"] > 0
+
+
+def test_eval_vla_table_plot_and_checks(tmp_path, capsys):
+    plot, js = tmp_path / "eval.png", tmp_path / "eval.json"
+    argv = ["eval", "vla", "--episodes", "2", "--batch", "2", "--keeps", "1.0,0.25", "--strategies", "dual",
+            "--overhead-episodes", "1", "--plot", str(plot), "--json", str(js), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dual" in out and "25%" in out
+    res = json.loads(js.read_text())
+    assert {c["keep"] for c in res["configs"]} == {1.0, 0.25}
+    assert res["overhead"]["measured"] and res["overhead"]["overhead_ms_per_step"] > 0
+    assert Image.open(plot).size == (560, 360)
