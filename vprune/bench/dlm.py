@@ -75,7 +75,7 @@ def build_model(shape: Dict[str, Any], device: str, dtype: torch.dtype, seed: in
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=g)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def _sync(dev: str) -> None:
@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             vs = min(args.vanilla_steps, gen)
             x_len = args.prompt + gen
 
+            @torch.no_grad()
             def vanilla_steps():
                 # full forwards over the whole prompt + gen_length sequence, one per step
                 from vprune.integrations.llada import LLaDAEngine

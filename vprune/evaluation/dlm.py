@@ -39,14 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", default=None, help="comma-separated setting indices to run (default all)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def evaluate(n: int = 32, batch: int = 16, seed: int = 1234, block_length: Optional[int] = None,
-             only: Optional[List[int]] = None, log=print) -> List[Dict[str, Any]]:
+             only: Optional[List[int]] = None, log=print, device: str = "cpu") -> List[Dict[str, Any]]:
     from vprune.integrations.llada import diffusion_generate
     from vprune.testbed import dlm
 
-    model = dlm.load_testbed_dlm()
+    model = dlm.load_testbed_dlm(device)
     problems = dlm.make_problems(n, seed)
     g = dlm.GEN_LENGTH
     rows: List[Dict[str, Any]] = []
@@ -62,9 +63,11 @@ def evaluate(n: int = 32, batch: int = 16, seed: int = 1234, block_length: Optio
         for s in range(0, n, batch):
             ps = problems[s:s + batch]
             ids, am = dlm.left_pad([p.prompt_ids() for p in ps])
+            ids, am = ids.to(device), am.to(device)
             st: Dict[str, Any] = {}
             out = diffusion_generate(model, ids, am, config=cfg, gen_length=g, steps=g, block_length=block_length,
                                      threshold=thr, stats=st)
+            out = out.cpu()
             ok += dlm.exact_match(out[:, -g:], ps)
             tgt = torch.tensor([p.target(g) for p in ps])
             tok_ok += int((out[:, -g:] == tgt).sum())
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     only = None if args.only is None else [int(x) for x in args.only.split(",")]
     print(f"testbed DLM, {args.n} problems, batch {args.batch}, gen 256, one token per step unless parallel")
-    rows = evaluate(args.n, args.batch, args.seed, args.block_length, only)
+    rows = evaluate(args.n, args.batch, args.seed, args.block_length, only, device=args.device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(n=args.n, batch=args.batch, seed=args.seed, block_length=args.block_length,

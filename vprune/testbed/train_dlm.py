@@ -2,11 +2,14 @@
 
     python -m vprune.testbed.train_dlm [--steps N] [--seed S] [--out DIR]
 
-The shipped weights come from two seeded stages (about 40 + 20 minutes on one busy CPU thread):
+The shipped weights (d_model 192, 4 layers, 6 heads, MLP 512; 7 MB) come from one seeded run on
+an H100 (134 s; results/dlm_testbed_train_h100_2026-11-27.log):
 
-    python -m vprune.testbed.train_dlm --steps 900 --seed 0 --max-step 9 --out /tmp/stage1
-    python -m vprune.testbed.train_dlm --init /tmp/stage1/dlm_testbed.safetensors --steps 600 \
-        --lr 2e-3 --seed 2 --prefix-frac 0.5 --max-step 1
+    python -m vprune.testbed.train_dlm --device cuda --d-model 192 --layers 4 --heads 6 --mlp 512 \
+        --batch 64 --steps 5000 --lr 2e-3 --seed 0 --max-step 1 --prefix-frac 0.6 --far-field-frac 0.5
+
+The same command with ``--device cpu`` trains the same recipe on the CPU (hours on one thread; the
+data and masks are drawn on the CPU, so only floating-point rounding differs between devices).
 
 Masked-diffusion SFT objective (LLaDA's): per sequence a mask ratio t ~ U(eps, 1); each answer
 token (answer numbers and the ``<eos>`` tail) is replaced by ``<mask>`` with probability t; the loss
@@ -26,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from vprune.testbed import dlm
+
+ModelDefaults = dlm.ModelConfig()
 
 
 def make_batch(problems, rng: random.Random, gen: torch.Generator):
@@ -50,7 +55,8 @@ def make_batch(problems, rng: random.Random, gen: torch.Generator):
     return ids, att, ansm
 
 
-def diffusion_loss(model, ids, att, ansm, gen: torch.Generator, eps: float = 1e-3, prefix_frac: float = 0.0):
+def diffusion_loss(model, ids, att, ansm, gen: torch.Generator, eps: float = 1e-3, prefix_frac: float = 0.0,
+                   device: torch.device = torch.device("cpu"), far_field_frac: float = 0.0):
     """Masked-diffusion loss. With probability ``prefix_frac`` a sequence is masked the way the
     samplers meet it (a revealed answer prefix, then masks; a few random masks in the prefix)
     instead of uniformly at a random ratio."""
@@ -65,7 +71,16 @@ def diffusion_loss(model, ids, att, ansm, gen: torch.Generator, eps: float = 1e-
         pre = ansm & ((pos >= cut) | (torch.rand(b, t, generator=gen) < 0.1))
         use = torch.rand(b, 1, generator=gen) < prefix_frac
         masked = torch.where(use, pre, masked)
+        # Window-Diffusion drops far-field masks: half of these sequences see only a window of
+        # 16..128 masks after the revealed prefix (the rest neither attended nor scored), so the
+        # model meets at training time the context a windowed sampler gives it.
+        horizon = cut + torch.randint(16, 129, (b, 1), generator=gen)
+        clip = use & (torch.rand(b, 1, generator=gen) < far_field_frac) & (pos >= horizon) & ansm
+        att = att * (~clip).long()
+        masked = masked & ~clip
     noisy = torch.where(masked, torch.full_like(ids, dlm.MASK_ID), ids)
+    # the masks are drawn on the CPU generator so a seed gives the same data on any device
+    ids, att, masked, noisy = (x.to(device) for x in (ids, att, masked, noisy))
     logits = model(noisy, attention_mask=att).logits
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids.reshape(-1), reduction="none").view(b, t)
     return (ce * masked.float()).sum() / masked.sum().clamp(min=1)
@@ -81,6 +96,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=dlm.HERE)
     ap.add_argument("--max-step", type=int, default=dlm.MAX_STEP, help="progression steps drawn from 1..this")
     ap.add_argument("--init", default=None, help="start from these weights (a previous stage's safetensors)")
+    ap.add_argument("--far-field-frac", type=float, default=0.0,
+                    help="of the prefix-masked sequences, the fraction that sees only a window of masks")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU trains a larger model in minutes)")
+    ap.add_argument("--d-model", type=int, default=ModelDefaults.d_model)
+    ap.add_argument("--layers", type=int, default=ModelDefaults.n_layers)
+    ap.add_argument("--heads", type=int, default=ModelDefaults.n_heads)
+    ap.add_argument("--mlp", type=int, default=ModelDefaults.mlp_hidden_size)
     ap.add_argument("--prefix-frac", type=float, default=0.0,
                     help="fraction of sequences masked as a revealed prefix + masks (see diffusion_loss)")
     args = ap.parse_args(argv)
@@ -89,7 +111,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    cfg = dlm.ModelConfig()
+    cfg = dlm.ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, mlp_hidden_size=args.mlp)
     model = dlm.LLaDAModelLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -99,6 +121,8 @@ def main(argv=None) -> int:
     if args.init:
         from safetensors.torch import load_file
         model.load_state_dict(load_file(args.init))
+    device = torch.device(args.device)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warm = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -109,7 +133,8 @@ def main(argv=None) -> int:
     for step in range(args.steps):
         probs = [dlm.sample_problem(rng, max_step=args.max_step) for _ in range(args.batch)]
         ids, att, ansm = make_batch(probs, rng, gen)
-        loss = diffusion_loss(model, ids, att, ansm, gen, prefix_frac=args.prefix_frac)
+        loss = diffusion_loss(model, ids, att, ansm, gen, prefix_frac=args.prefix_frac, device=device,
+                              far_field_frac=args.far_field_frac)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -120,14 +145,15 @@ def main(argv=None) -> int:
             print(f"step {step:5d} loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s", flush=True)
         if step % 100 == 99:
             from safetensors.torch import save_file
-            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+            os.makedirs(args.out, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                       os.path.join(args.out, "dlm_testbed.ckpt.safetensors"))
 
     model.eval()
     from safetensors.torch import save_file
 
     os.makedirs(args.out, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(args.out, "dlm_testbed.safetensors"),
               metadata={"seed": str(args.seed), "steps": str(args.steps), "task": "arithmetic progression"})
     with open(os.path.join(args.out, "dlm_testbed.json"), "w") as f:
