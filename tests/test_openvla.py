@@ -15,8 +15,14 @@ from vprune.integrations import _compat
 from vprune.integrations.openvla import OpenVLAIntegration, default_layer, reset_rows
 from vprune.integrations.registry import find_integration
 
-torch.set_grad_enabled(False)
 NEW_TRANSFORMERS = _compat.transformers_version() >= (4, 50)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only, scoped to this module's tests (a module-level switch leaks into other files)."""
+    with torch.no_grad():
+        yield
 
 
 # ----------------------------------------------------------------------------------- helpers
