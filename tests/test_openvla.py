@@ -109,7 +109,7 @@ def test_default_config_for_vlas():
     cfg = m._vprune.config
     assert cfg.strategy == "dual" and cfg.layer == 1 and cfg.action_layer == 1 and cfg.keep == 0.25
     vprune.unpatch(m)
-    assert [default_layer(d) for d in (2, 4, 6, 8, 12, 32)] == [1, 1, 1, 2, 3, 3]
+    assert [default_layer(d) for d in (2, 3, 4, 6, 8, 12, 32)] == [1, 1, 2, 3, 3, 3, 3]
 
 
 def test_missing_structure_raises_and_leaves_model_unchanged():
