@@ -107,7 +107,7 @@ def test_default_config_for_vlas():
     m = T.build(n_layers=4)
     vprune.patch(m)
     cfg = m._vprune.config
-    assert cfg.strategy == "dual" and cfg.layer == 1 and cfg.action_layer == 1 and cfg.keep == 0.25
+    assert cfg.strategy == "dual" and cfg.layer == 2 and cfg.action_layer == 1 and cfg.keep == 0.25
     vprune.unpatch(m)
     assert [default_layer(d) for d in (2, 3, 4, 6, 8, 12, 32)] == [1, 1, 2, 3, 3, 3, 3]
 
