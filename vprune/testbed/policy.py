@@ -93,6 +93,10 @@ class TestbedVLAConfig(_BaseConfig):
         self.pad_to_multiple_of = pad_to_multiple_of
         kwargs.setdefault("pad_token_id", 0)
         kwargs.setdefault("bos_token_id", 1)
+        # The LM's input and output embeddings are separate weights. transformers 4.40 ties them
+        # from the *outer* config's flag (default True) in post_init, so loading the shipped weights
+        # there overwrote the input embeddings with the LM head: say no explicitly.
+        kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
     @property
