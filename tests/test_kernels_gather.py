@@ -7,8 +7,6 @@ compared bit for bit (through an integer view, so NaN payloads and -0.0 count).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from typing import Dict
 
@@ -104,18 +102,13 @@ def _worker() -> Dict[str, str]:
 
 @pytest.fixture(scope="module")
 def report() -> Dict[str, str]:
-    env = dict(os.environ, TRITON_INTERPRET="1", VPRUNE_KERNELS="triton")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from _interpreter_worker import run_worker
+    return run_worker(__file__)
 
 
 def _check(report: Dict[str, str], prefix: str) -> None:
-    cases = {k: v for k, v in report.items() if k.startswith(prefix)}
-    assert cases, f"no worker cases start with {prefix!r}"
-    bad = {k: v for k, v in cases.items() if v != "ok"}
-    assert not bad, f"{len(bad)}/{len(cases)} cases differ from the reference: {dict(list(bad.items())[:5])}"
+    from _interpreter_worker import check_cases
+    check_cases(report, prefix)
 
 
 def test_worker_ran_the_interpreter(report: Dict[str, str]) -> None:

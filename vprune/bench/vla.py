@@ -33,8 +33,8 @@ from typing import Any, Dict, List
 
 import torch
 
-from .vlm import (card, command_line, default_dtype_device, require_device, staged_prefill, timer, versions,
-                  write_json)
+from .vlm import (card, command_line, default_dtype_device, require_device, run_and_report, staged_prefill,
+                  timer, versions, write_json)
 
 DEFAULT_OUT = "results/bench_vla.json"
 
@@ -187,18 +187,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = require_device(args.tiny)
-    if args.tiny:
-        torch.set_num_threads(1)
-    t0 = time.time()
-    result = run_policy(args, device)
-    result.update(card=card(device), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), versions=versions(),
-                  command=command_line(), seconds=round(time.time() - t0, 1))
-    print()
-    print(f"{result['model']}, {result['dtype']}, {result['card']}")
-    print(table(result))
-    out = args.out or (None if args.tiny else DEFAULT_OUT)
-    if out:
-        write_json(out, result)
-        print(f"wrote {out}")
-    return 0
+    return run_and_report(args, run_policy, lambda r: f"{r['model']}, {r['dtype']}, {r['card']}",
+                          table, DEFAULT_OUT)

@@ -411,19 +411,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help=f"JSON path (default {DEFAULT_OUT}; --tiny: none)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_and_report(args: argparse.Namespace, bench, header, table_fn, default_out: str) -> int:
+    """Shared tail of ``bench vlm`` / ``bench vla``: run ``bench(args, device)``, add card, date,
+    versions and command line, print ``header(result)`` and the table, write the JSON."""
     device = require_device(args.tiny)
     if args.tiny:
         torch.set_num_threads(1)
     t0 = time.time()
-    result = run_llava(args, device)
+    result = bench(args, device)
     result.update(card=card(device), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), versions=versions(),
                   command=command_line(), seconds=round(time.time() - t0, 1))
     print()
-    print(f"{result['model']}, {result['dtype']}, {result['card']}, K={args.layer}, strategy {args.strategy}")
-    print(table(result))
-    out = args.out or (None if args.tiny else DEFAULT_OUT)
+    print(header(result))
+    print(table_fn(result))
+    out = args.out or (None if args.tiny else default_out)
     if out:
         write_json(out, result)
         print(f"wrote {out}")
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_and_report(
+        args, run_llava,
+        lambda r: f"{r['model']}, {r['dtype']}, {r['card']}, K={args.layer}, strategy {args.strategy}",
+        table, DEFAULT_OUT)
