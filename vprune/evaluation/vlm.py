@@ -118,25 +118,41 @@ def patch_for(model: Any, strategy: str, keep: float, layer: int, seed: int) -> 
 
 
 # ------------------------------------------------------------------------------------ the grid
-def load(weights_dir: Optional[str] = None):
-    """The shipped testbed VLM, or the one trained into ``weights_dir`` (``train_vlm --out``)."""
+def _paths(weights_dir: Optional[str]) -> Dict[str, str]:
     from vprune.testbed import vlm as V
 
     if weights_dir is None:
-        return V.load_vlm()
-    return V.load_vlm(weights=os.path.join(weights_dir, "vlm.safetensors"),
-                      config=os.path.join(weights_dir, "vlm_config.json"),
-                      tokenizer=os.path.join(weights_dir, "vlm_tokenizer.json"))
+        return {"weights": V.WEIGHTS_PATH, "config": V.CONFIG_PATH, "tokenizer": V.TOKENIZER_PATH}
+    return {"weights": os.path.join(weights_dir, "vlm.safetensors"),
+            "config": os.path.join(weights_dir, "vlm_config.json"),
+            "tokenizer": os.path.join(weights_dir, "vlm_tokenizer.json")}
+
+
+def load(weights_dir: Optional[str] = None, device: str = "cpu"):
+    """The shipped testbed VLM, or the one trained into ``weights_dir`` (``train_vlm --out``)."""
+    from vprune.testbed import vlm as V
+
+    return V.load_vlm(device=device, **_paths(weights_dir))
+
+
+def model_depth_and_k(weights_dir: Optional[str] = None) -> tuple:
+    """(decoder layers, the config's ``prune_layer``) of the model ``load`` returns."""
+    from vprune.testbed import vlm as V
+
+    cfg = V.read_config(_paths(weights_dir)["config"])
+    return cfg["text"]["num_hidden_layers"], cfg.get("prune_layer", 2)
 
 
 def evaluate_grid(keeps: Sequence[float], strategies: Sequence[str], n: int, seed: int, layer: int,
-                  batch_size: int = 64, log=print, weights_dir: Optional[str] = None) -> Dict[str, Any]:
+                  batch_size: int = 64, log=print, weights_dir: Optional[str] = None,
+                  device: str = "cpu") -> Dict[str, Any]:
     import vprune
     from vprune.testbed import vlm as V
     from vprune.testbed.train_vlm import TEST_SEED, TRAIN_SEED, image_baselines
     from vprune.testbed.vqa import chance, make_dataset, text_prior
 
-    model, tok = load(weights_dir)
+    model, tok = load(weights_dir, device)
+    depth, _ = model_depth_and_k(weights_dir)
     samples = make_dataset(n, seed=TEST_SEED + seed)
     t0 = time.time()
     base_preds = V.answer(model, tok, samples, batch_size)
@@ -185,7 +201,7 @@ def evaluate_grid(keeps: Sequence[float], strategies: Sequence[str], n: int, see
     prior = text_prior(make_dataset(3000, seed=TRAIN_SEED + 7), samples)
     return {"unpruned": base, "text_only_prior": prior, "chance": chance(), **baselines,
             "patched_keep_1_identical": identical_at_full, "cells": cells, "strategy_paths": notes,
-            "samples": n, "layer": layer, "seed": seed, "test_seed": TEST_SEED + seed,
+            "samples": n, "layer": layer, "depth": depth, "seed": seed, "test_seed": TEST_SEED + seed,
             "visual_tokens": tok.image_seq_length}
 
 
@@ -208,7 +224,7 @@ def table_markdown(res: Dict[str, Any], keeps: Sequence[float], strategies: Sequ
     lines.append("")
     lines.append(f"Accuracy % on {res['samples']} held-out questions (in brackets: % of the unpruned "
                  f"{res['unpruned'] * 100:.1f}%); keep as % of {n_vis} visual tokens (count); pruning from "
-                 f"decoder layer K={res['layer']} of 4. Image-free baselines: text-only prior "
+                 f"decoder layer K={res['layer']} of {res.get('depth', 4)}. Image-free baselines: text-only prior "
                  f"{res['text_only_prior'] * 100:.1f}%, blank image {res['blank_image'] * 100:.1f}%, "
                  f"shuffled images {res['shuffled_image'] * 100:.1f}%, chance {res['chance'] * 100:.1f}%.")
     return "\n".join(lines)
@@ -292,7 +308,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--samples", type=int, default=1000, help="held-out questions (default 1000)")
     parser.add_argument("--quick", action="store_true", help="200 questions")
-    parser.add_argument("--layer", type=int, default=2, help="K: first decoder layer that sees only kept tokens")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="K: first decoder layer that sees only kept tokens (default: the model config's prune_layer)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0, help="test-set offset and the random strategy's seed")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -311,11 +329,16 @@ def run(args: argparse.Namespace) -> int:
         if not 0 < k <= 1:
             print(f"--keep {k} is invalid: fractions in (0, 1]", file=sys.stderr)
             return 2
+    depth, config_k = model_depth_and_k(args.weights_dir)
+    layer = config_k if args.layer is None else args.layer
+    if not 1 <= layer < depth:
+        print(f"--layer {layer} is invalid: K must be in [1, {depth - 1}] for this {depth}-layer model", file=sys.stderr)
+        return 2
     t0 = time.time()
-    res = evaluate_grid(keeps, args.strategies, n, args.seed, args.layer, args.batch_size,
-                       weights_dir=args.weights_dir)
+    res = evaluate_grid(keeps, args.strategies, n, args.seed, layer, args.batch_size,
+                       weights_dir=args.weights_dir, device=args.device)
     res.update(command="vprune eval vlm " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["eval", "vlm"] else sys.argv[1:]),
-               date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), versions=_versions(), device="cpu",
+               date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), versions=_versions(), device=args.device,
                threads=args.threads, seconds=round(time.time() - t0, 1))
     table = table_markdown(res, keeps, args.strategies)
     print()
