@@ -132,3 +132,13 @@ def test_training_batches_depend_only_on_seed_and_index():
     assert la.shape == (4, 64) and la.max() <= 15
     stream = list(batches(7, 5, 4, 64, 8, workers=0))
     assert [s.question for s in stream[3][0]] == [s.question for s in a]
+
+
+def test_attention_probe_reports_object_coverage():
+    from vprune.evaluation.vlm_probe import probe
+
+    r = probe(layer=2, keep=16, questions=5)
+    assert r["questions"] == 5
+    for key in ("fastv_top_covers_object", "random_covers_object", "attention_mass_on_object"):
+        assert 0.0 <= r[key] <= 1.0
+    assert r["object_share_of_tokens"] == pytest.approx(4 / 64)
