@@ -306,3 +306,34 @@ def test_two_patched_models_share_the_attention_name_and_beams_work():
     finally:
         vprune.unpatch(b)
     assert "vprune_sdpa" not in AttentionInterface._global_mapping
+
+
+def test_deferred_nan_check_raises_at_the_end_and_selects_the_same(monkeypatch):
+    """On a device the NaN check waits for the end of the forward (no mid-stack host sync): the
+    error is the same, and without NaN the keep set equals the immediate path's."""
+    import vprune.integrations._llm_pruning as lp
+
+    m, inp, _, _ = _host("llava", 6)
+    with vprune.patched(m, keep=0.25, layer=2):
+        with torch.no_grad():
+            m(**inp)
+        immediate = vprune.stats(m)["kept_indices"]
+    monkeypatch.setattr(lp, "DEFERRED_NAN_CHECK_DEVICES", ("cpu", "cuda"))
+    seen = []
+    real = lp.select_topk
+    monkeypatch.setattr(lp, "select_topk", lambda s, k: seen.append(k) or real(s, k))
+    with vprune.patched(m, keep=0.25, layer=2):
+        with torch.no_grad():
+            m(**inp)
+        assert vprune.stats(m)["kept_indices"] == immediate
+    assert len(seen) >= 2  # the deferred path ran (per bucket, then the keep set)
+    with torch.no_grad():
+        m.model.language_model.layers[1].self_attn.q_proj.weight.fill_(float("nan"))
+    layers_run = []
+    hook = m.model.language_model.layers[-1].register_forward_hook(lambda *a: layers_run.append(1))
+    with vprune.patched(m, keep=0.25, layer=2):
+        with pytest.raises(ValueError, match=r"NaN \(batch rows \[0"):
+            with torch.no_grad():
+                m(**inp)
+    hook.remove()
+    assert layers_run, "the error came before the last layer ran: the check was not deferred"
