@@ -36,7 +36,17 @@ One control step (one ``predict_action`` / ``generate`` call) runs like this:
    A chunked / parallel-decoding action head (action-query tokens at the end of the prompt, decoded
    in one forward) declares ``action_query_rows = R`` on the model or its config: the last R prefill
    rows are then the action rows, and the semantic row is the prompt row before them.
-3. The next prefill (a new control step) first appends that mean to the history.
+3. The next prefill (a new control step) appends that mean to the history before it selects.
+
+CPU fast paths (``_FAST_PATHS``; the same numbers as the general code, checked bit for bit by
+tests/test_openvla.py): without padding the scoring rows are plain slices and need no row mask; when
+the action layer is K-1 the semantic row is also the first action row and is scored once; a decode
+step only keeps what its row's score needs (the layer's input row, its RoPE row, the keys the cache
+holds then), and the rows are scored at the next step's semantic scoring, right before the history
+update and the selection; ``dual`` selection runs in NumPy / Python. On the testbed CPU each small
+torch op costs 15-60 us inside a policy step, so these cut vprune's own time per step from ~5 ms to
+~1.7 ms (``vprune eval vla``). ``vprune.stats(model)["overhead_ms"]`` gives the last control step's
+host time in vprune's code by part (scoring, selection, other).
 
 Warm-up: the first ``warmup`` (default ``history``) control steps of an episode run unpruned but still
 record action scores. With a batch, rows are separate environments: history and warm-up are per row;
@@ -51,9 +61,9 @@ remote code, whose ``generate`` passes an empty cache object at the first step s
 ``prepare_inputs_for_generation`` treats it as a cached decode step and skips the vision tower), the
 patched model raises ``MissingInputsError`` naming the cause instead of running unpruned.
 
-Defaults (``default_config``): strategy "dual"; K = 3 for an LLM of >= 12 layers, ``max(1, depth // 4)``
-for shallower ones (so a 6-layer LLM prunes from layer 1, a 4-layer one from 1, 8 layers from 2) and never
-past the last layer; action layer = (depth - 1) // 2 (15 of 32, the paper's layer).
+Defaults (``default_config``): strategy "dual"; K = ``min(3, max(1, depth // 2))`` (3 for 32 layers as
+VLA-Pruner; a 4-layer LLM prunes from layer 2, a 2-layer one from 1) and never past the last layer;
+action layer = (depth - 1) // 2 (15 of 32, the paper's layer).
 
 Limitations: ``generate`` must decode with the KV cache (a second empty-cache forward inside one
 ``generate`` call raises: each token would otherwise count as a new control step); StaticCache is not supported (pruned layers would need padded columns); a plain forward of a
@@ -64,10 +74,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from vprune.config import TechniqueConfig, VisualPruning
@@ -76,11 +88,17 @@ from vprune.kernels import gather_rows
 from vprune.integrations import _compat
 from vprune.integrations.registry import Integration
 from vprune.scoring import attention_row_scores
-from vprune.selection import dual_select, select_tokens
+from vprune.selection import dual_select, dual_select_host, select_tokens
 from vprune.temporal import ActionHistory
 from vprune.undo import vprune_subclass
 
 VISUAL_START = 1  # the host inserts the patches right after BOS
+
+# The CPU fast paths of one control step (all give the same numbers as the general code, which stays for
+# padded batches, other devices and hosts without a KV cache): scoring rows as plain slices when no row
+# is padded, the semantic row reused as the first action row, decode rows scored together at the next
+# step's scoring, selection in NumPy / Python. tests/test_openvla.py switches them off to compare.
+_FAST_PATHS = True
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -115,6 +133,8 @@ def default_action_layer(depth: int) -> int:
 def _gather_seq(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     """Gather along ``dim`` with per-row indices ``idx`` [B, L'] (x's batch dim may be 1: broadcast)."""
     b = idx.shape[0]
+    if b == 1 and x.shape[0] == 1:  # one row: one index_select (the same values, fewer ops)
+        return x.index_select(dim, idx[0])
     if x.shape[0] != b:
         x = x.expand(b, *x.shape[1:])
     shape = [1] * x.dim()
@@ -159,6 +179,151 @@ def _bool_allowed(mask: torch.Tensor) -> torch.Tensor:
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+_CONSTANTS: Dict[Tuple[Any, ...], Any] = {}
+
+
+def _scalar(value: float) -> torch.Tensor:
+    """A cached fp32 0-dim CPU tensor holding ``value``."""
+    key = ("scalar", value)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = _CONSTANTS[key] = torch.tensor(value, dtype=torch.float32)
+    return t
+
+
+def _transposed(weight: torch.Tensor) -> torch.Tensor:
+    """``weight.t()`` (a view), cached per weight tensor (in-place updates show through the view)."""
+    hit = _TRANSPOSED.get(id(weight))
+    if hit is None or hit[0]() is not weight:
+        with torch.inference_mode(False):
+            hit = (weakref.ref(weight), weight.detach().t())
+        if len(_TRANSPOSED) > 256:  # dead entries of unloaded models
+            for key in [key for key, (ref, _) in _TRANSPOSED.items() if ref() is None]:
+                del _TRANSPOSED[key]
+        _TRANSPOSED[id(weight)] = hit
+    return hit[1]
+
+
+_TRANSPOSED: Dict[int, Tuple[Any, torch.Tensor]] = {}
+
+
+def _rotate_half(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(perm int64 [Dh], signs [Dh]) with x[..., perm] * signs == cat(-x[..., h:], x[..., :h]),
+    h = Dh // 2 (Llama's rotate_half), cached."""
+    key = ("rotate_half", head_dim, dtype, device)
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        half = head_dim // 2
+        with torch.inference_mode(False):
+            perm = torch.cat([torch.arange(half, head_dim), torch.arange(half)]).to(device)
+            signs = torch.ones(head_dim, dtype=dtype, device=device)
+            signs[: head_dim - half] = -1
+        hit = _CONSTANTS[key] = (perm, signs)
+    return hit
+
+
+def _head_map(n_heads: int, n_kv: int, device: torch.device) -> torch.Tensor:
+    """int64 [H]: the K/V head of each query head (GQA), cached."""
+    key = ("heads", n_heads, n_kv, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = torch.arange(n_heads, device=device) // (n_heads // n_kv)
+        _CONSTANTS[key] = t
+    return t
+
+
+def _seq_parts(b: int, n: int, length: int) -> Tuple[np.ndarray, np.ndarray]:
+    """int64 [B, VISUAL_START] and [B, L - VISUAL_START - N]: the prefill positions around the visual
+    tokens (always kept), cached."""
+    key = ("seq", b, n, length)
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        head = np.tile(np.arange(VISUAL_START, dtype=np.int64), (b, 1))
+        tail = np.tile(np.arange(VISUAL_START + n, length, dtype=np.int64), (b, 1))
+        hit = _CONSTANTS[key] = (head, tail)
+    return hit
+
+
+def _project(linear: Any, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``; a plain ``nn.Linear`` without hooks is called as ``F.linear`` (the same op,
+    without the module-call overhead)."""
+    if type(linear) is torch.nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks:
+        return torch.nn.functional.linear(x, linear.weight, linear.bias)
+    return linear(x)
+
+
+def _row_scores(attn: Any, geometry: Tuple[int, int, int, float], h_row: torch.Tensor, cos_r: torch.Tensor,
+                sin_r: torch.Tensor, k: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention [B, T] of one query row, averaged over heads: ``attention_row_scores`` of the
+    post-RoPE query of ``h_row`` [B, 1, D] (cos/sin rows [B|1, 1, Dh]) over ``k`` [B, Hkv, T, Dh].
+
+    The same ops on the same values as ``_query_keys`` + ``attention_row_scores`` (q_proj on one row,
+    rotate-half RoPE, K/V heads repeated, fp32 q k^T * scale, softmax, head mean), with fewer Python
+    layers and views: a policy step runs it 3 times (the semantic row and two decode rows)."""
+    n_heads, n_kv, head_dim, scale = geometry
+    b = h_row.shape[0]
+    cpu = h_row.device.type == "cpu"
+    proj = attn.q_proj
+    if cpu and type(proj) is torch.nn.Linear and proj.bias is None and not proj._forward_hooks \
+            and not proj._forward_pre_hooks:  # F.linear's own matmul: mm(x, W^T), W^T cached
+        q = torch.mm(h_row.view(b, -1), _transposed(proj.weight)).view(b, n_heads, head_dim)
+    else:
+        q = _project(proj, h_row).view(b, n_heads, head_dim)  # one row: [B, H, Dh]
+    if cos_r.dtype != q.dtype:
+        cos_r, sin_r = cos_r.to(q.dtype), sin_r.to(q.dtype)
+    # _compat.apply_rope: x * cos + cat(-x2, x1) * sin, with cat(-x2, x1) * sin written as
+    # x[..., perm] * (signs * sin): a copy and sign flips, so the same values in fewer ops;
+    # cos/sin [B|1, 1, Dh] broadcast over the heads
+    perm, signs = _rotate_half(head_dim, q.dtype, q.device)
+    q = q * cos_r + q.index_select(-1, perm) * (sin_r * signs)
+    if allowed is not None:
+        return attention_row_scores(q.unsqueeze(2), k, allowed, scale)
+    if q.dtype != torch.float32:
+        q, k = q.float(), k.float()
+    bk, _, t, d = k.shape
+    if n_kv != n_heads:  # repeat each K/V head for its query heads (a copy, as repeat_interleave)
+        k = k.index_select(1, _head_map(n_heads, n_kv, k.device))
+    logits = torch.bmm(q.view(b * n_heads, 1, d), k.reshape(bk * n_heads, t, d).transpose(1, 2))
+    # * scale: a cached fp32 0-dim tensor on the CPU multiplies as the Python float does (skips a
+    # scalar conversion per op; so does the head count below)
+    logits.mul_(_scalar(scale) if cpu else scale)
+    probs = torch.softmax(logits, dim=-1).view(b, n_heads, t)
+    # the head mean; on the CPU as torch's mean computes it (sum, then div_), without its overhead
+    return probs.sum(dim=1).div_(_scalar(float(n_heads))) if cpu else probs.mean(dim=1)
+
+
+def _score_decode_row(rec: Tuple[Any, ...]) -> torch.Tensor:
+    """The action score [B, N] of one decode step's row, from what the action hook kept: the attention
+    module, its geometry, the layer input's last row [B, 1, D], its RoPE cos/sin [B|1, 1, Dh], the
+    layer's cached keys at that step [B, Hkv, T, Dh], the 4-D mask row or None, the kept visual
+    indices when the layer saw only those (else None), and N. The same ops as ``_query_keys`` +
+    ``attention_row_scores`` on the same tensors (the KV cache appends new tensors, so the kept keys
+    are the keys of that step)."""
+    attn, geometry, h_row, cos_r, sin_r, k, mask_row, kept, n = rec
+    b = h_row.shape[0]
+    allowed = None if mask_row is None else _bool_allowed(mask_row)
+    probs = _row_scores(attn, geometry, h_row, cos_r, sin_r, k, allowed)  # [B, T]
+    if kept is None:
+        return probs[:, VISUAL_START:VISUAL_START + n]
+    vis = probs[:, VISUAL_START:VISUAL_START + kept.shape[1]]
+    full = torch.zeros(b, n, dtype=vis.dtype, device=vis.device)
+    full.scatter_(1, kept, vis)
+    return full
+
+
+def _score_decode_rows(total: Optional[torch.Tensor], rows: List[Tuple[Any, ...]]) -> Optional[torch.Tensor]:
+    """``total`` plus the scores of ``rows``, in order. Under no_grad: scores are never differentiated,
+    and the kept tensors may be inference tensors of an earlier ``torch.inference_mode()`` call."""
+    if rows:
+        with torch.no_grad():
+            for rec in rows:
+                vis = _score_decode_row(rec)
+                total = vis if total is None else total + vis
+    return total
+
+
 @dataclass
 class _Runtime:
     """Per-model runtime state (``state.runtime``): temporal history plus this control step's scratch."""
@@ -179,12 +344,26 @@ class _Runtime:
     semantic: Optional[torch.Tensor] = None       # [B, N]
     kept_visual: Optional[torch.Tensor] = None    # [B, M] ascending, None when unpruned
     keep_seq: Optional[torch.Tensor] = None       # [B, L'] kept positions of the prefill sequence
-    action_sum: Optional[torch.Tensor] = None     # [B, N] sum of action rows this control step
-    action_rows: int = 0
+    scored_sum: Optional[torch.Tensor] = None     # [B, N] sum of the action rows scored so far
+    action_rows: int = 0                          # action rows this control step (scored or pending)
+    pending: List[Tuple[Any, ...]] = field(default_factory=list)  # decode rows not scored yet
+    stashed: Optional[Tuple[Any, ...]] = None     # the previous step's rows, committed at the next
+                                                  # semantic scoring (see _Runtime.stash_step)
     decode_steps: int = 0
     query_rows: int = 1                           # action-query rows at the end of the prefill
     generate_prefills: Optional[int] = None       # empty-cache forwards in the running generate()
     memo: Dict[str, Tuple[Any, Any]] = field(default_factory=dict)  # per-call gathered layer inputs
+    dense: bool = False                           # no padding in this step's rows (known without a sync)
+    needs_action: bool = True                     # the strategy reads action scores ("dual", "action")
+    semantic_row: Optional[torch.Tensor] = None   # [B, L] the semantic row's scores (reused as the
+                                                  # prefill action row when both are the same row)
+    # Host time (perf_counter seconds) spent in vprune's code during this control step, by part:
+    # scoring (attention rows at the semantic and action layers), selection (top-k, union, diversity,
+    # keep indices), other (input checks, history update, gathers for the pruned layers). On CUDA
+    # this is launch time only (kernels run asynchronously).
+    t_scoring: float = 0.0
+    t_selection: float = 0.0
+    t_other: float = 0.0
 
     def memo_get(self, name: str, original: Any, make: Any) -> Any:
         """``make()``, computed once per call for the same ``original`` object (layers >= K share them)."""
@@ -197,7 +376,18 @@ class _Runtime:
     control_steps: int = 0
     last: Optional[Dict[str, Any]] = None         # what the last prefill decided (tensors, for stats)
 
+    @property
+    def action_sum(self) -> Optional[torch.Tensor]:
+        """[B, N] sum of this control step's action rows (pending decode rows are scored first)."""
+        if self.pending:
+            rows, self.pending = self.pending, []
+            self.scored_sum = _score_decode_rows(self.scored_sum, rows)
+        return self.scored_sum
+
     def clear_step(self) -> None:
+        self.t_scoring = self.t_selection = self.t_other = 0.0
+        self.dense = False
+        self.semantic_row = None
         self.phase = "idle"
         self.active = False
         self.warm = []
@@ -209,16 +399,44 @@ class _Runtime:
         self.semantic = None
         self.kept_visual = None
         self.keep_seq = None
-        self.action_sum = None
+        self.scored_sum = None
+        self.pending = []
         self.action_rows = 0
         self.decode_steps = 0
 
     def commit_action(self) -> None:
         """Append this control step's mean action row to the history (if one was recorded)."""
-        if self.active and self.action_sum is not None and self.action_rows > 0:
-            self.history.record(self.action_sum / self.action_rows)
-        self.action_sum = None
+        self.commit_stashed()
+        if self.active and self.action_rows > 0:
+            total = self.action_sum
+            if total is not None:
+                self.history.record(total / self.action_rows)
+        self.scored_sum = None
+        self.pending = []
         self.action_rows = 0
+
+    def stash_step(self) -> None:
+        """At a new control step: keep this step's action rows for ``commit_stashed``, which the
+        semantic hook calls right before it scores and selects. Scoring the decode rows there, next to
+        the other scoring work, instead of inside each decode forward, saves most of their cost on the
+        CPU (the same ops on the same tensors: the same numbers; the first op of a burst that runs
+        after other model code costs 30-60 us more than the same op run again)."""
+        self.commit_stashed()
+        if self.active and self.action_rows > 0:
+            self.stashed = (self.scored_sum, self.action_rows, self.pending)
+        self.scored_sum = None
+        self.pending = []
+        self.action_rows = 0
+
+    def commit_stashed(self) -> None:
+        """Score the stashed step's pending decode rows and append its mean action row to the history."""
+        if self.stashed is None:
+            return
+        total, rows, pending = self.stashed
+        self.stashed = None
+        total = _score_decode_rows(total, pending)
+        if total is not None:
+            self.history.record(total / (_scalar(float(rows)) if total.device.type == "cpu" else rows))
 
 
 _SIGNATURES: Dict[type, inspect.Signature] = {}
@@ -228,8 +446,16 @@ def _action_query_rows(model: Any) -> int:
     """How many trailing prefill rows are action queries: ``action_query_rows`` on the model or its
     config (a chunked / parallel-decoding action head, e.g. OpenVLA-OFT's empty action tokens);
     default 1, the last prompt row, whose output is the first autoregressive action token."""
-    for owner in (model, getattr(model, "config", None)):
-        value = getattr(owner, "action_query_rows", None) if owner is not None else None
+    # read without nn.Module.__getattr__'s slow miss (once per control step): instance, class, config
+    config = model.__dict__.get("config")
+    if config is None:
+        config = getattr(model, "config", None)
+    for owner in (model, config):
+        if owner is None:
+            continue
+        value = owner.__dict__.get("action_query_rows") if hasattr(owner, "__dict__") else None
+        if value is None and getattr(type(owner), "action_query_rows", None) is not None:
+            value = getattr(owner, "action_query_rows", None)  # a class attribute or property
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"action_query_rows={value!r} is invalid: allowed an int >= 1")
@@ -257,8 +483,11 @@ def _forward_for(original: type) -> Any:
         state = _state_of(self)
         if state is None:  # being patched/unpatched: behave as the host
             return original.forward(self, *args, **kwargs)
-        state.runtime.memo.clear()
+        rt = state.runtime
+        rt.memo.clear()
+        t0 = time.perf_counter()
         state.integration._begin_call(self, state, original, args, kwargs)
+        rt.t_other += time.perf_counter() - t0  # _begin_call may have started a step (timers reset)
         try:
             return original.forward(self, *args, **kwargs)
         finally:
@@ -392,7 +621,8 @@ class OpenVLAIntegration(Integration):
         vb = model.vision_backbone
         rt = _Runtime(history=ActionHistory(config.history, config.decay, config.effective_warmup),
                       layer=k, action_layer=a, depth=depth,
-                      fused=bool(getattr(vb, "use_fused_vision_backbone", False)))
+                      fused=bool(getattr(vb, "use_fused_vision_backbone", False)),
+                      needs_action=config.strategy in ("dual", "action"))
         state.runtime = rt
         original = type(model)
         namespace: Dict[str, Any] = {"forward": _forward_for(original)}
@@ -411,7 +641,7 @@ class OpenVLAIntegration(Integration):
         for i in range(k, depth):
             undo.add_hook(layers[i].register_forward_pre_hook(self._pruned_layer_hook(state), with_kwargs=True))
         undo.add_hook(layers[a].self_attn.register_forward_hook(
-            self._action_hook(state, a), with_kwargs=True))
+            self._action_hook(state, a), with_kwargs=True))  # does nothing unless rt.needs_action
         state.targets.extend([
             f"language_model layers {k}..{depth - 1} (visual tokens pruned from layer {k})",
             f"semantic score at layer {k - 1}",
@@ -456,7 +686,7 @@ class OpenVLAIntegration(Integration):
                     f"without a KV cache (use_cache=False, or a host that drops the cache between steps): "
                     f"every action token would count as a new control step of the pruning history. "
                     f"Generate with use_cache=True")
-        rt.commit_action()
+        rt.stash_step()
         rt.clear_step()
         cls_name = type(model).__mro__[1].__name__
         n_in = None
@@ -518,6 +748,7 @@ class OpenVLAIntegration(Integration):
             rt: _Runtime = state.runtime
             if rt.phase != "prefill":
                 return None
+            t0 = time.perf_counter()
             if rt.visual_emb is None:
                 raise MissingInputsError(
                     f"patched {type(model).__mro__[1].__name__} ran a prefill in which its vision tower / "
@@ -534,19 +765,24 @@ class OpenVLAIntegration(Integration):
                 raise ValueError(f"{n} visual tokens cannot be split evenly over {rt.n_images} images")
             rt.seq_len = hidden.shape[1]
             tm = rt.text_mask
+            rt.mm_mask = None  # None: every token is real
+            rt.dense = _FAST_PATHS  # no padding: scoring rows are plain slices, no row masks
             if isinstance(tm, torch.Tensor) and tm.dim() == 2 and tm.shape[1] + n == rt.seq_len:
-                ones = torch.ones(b, n, dtype=torch.bool, device=tm.device)
-                rt.mm_mask = torch.cat([tm[:, :1].bool(), ones, tm[:, 1:].bool()], dim=1).to(hidden.device)
-            else:
-                rt.mm_mask = None
+                # a CPU mask is read without a device sync; elsewhere assume padding may be there
+                if tm.device.type != "cpu" or not bool(tm.all()):
+                    ones = torch.ones(b, n, dtype=torch.bool, device=tm.device)
+                    rt.mm_mask = torch.cat([tm[:, :1].bool(), ones, tm[:, 1:].bool()], dim=1).to(hidden.device)
+                    rt.dense = False
+            rt.t_other += time.perf_counter() - t0
             return None
         return hook
 
     _geometry: "weakref.WeakKeyDictionary[Any, Tuple[int, int, int, float]]" = weakref.WeakKeyDictionary()
 
     def _query_keys(self, attn: Any, layer_idx: int, args: tuple, kwargs: dict,
-                    rows: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, float]:
-        """Post-RoPE queries of ``rows`` [B, R] (None: the last row) of this call and every key of the layer.
+                    rows: Any) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        """Post-RoPE queries of ``rows`` of this call and every key of the layer. rows: int64 [B, R]
+        (per batch row), a ``slice`` (the same rows for the whole batch: plain views), or None (the last row).
 
         Keys come from the layer's KV cache (already updated by this call) when there is one, else they
         are recomputed from the normalised input. Returns q [B, H, R, Dh], k [B, Hkv, T, Dh], scale."""
@@ -559,8 +795,11 @@ class OpenVLAIntegration(Integration):
         cos, sin = _compat.rope_cos_sin(attn, hidden, kwargs)
         if cos.shape[0] != b:
             cos, sin = cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:])
-        if rows is None:  # the last row (a decode step): plain slices
-            h_rows, cos_r, sin_r, n_rows = hidden[:, -1:], cos[:, -1:], sin[:, -1:], 1
+        if rows is None:  # the last row (a decode step)
+            rows = slice(length - 1, length)
+        if isinstance(rows, slice):  # the same rows in every batch row: plain slices
+            h_rows, cos_r, sin_r = hidden[:, rows], cos[:, rows], sin[:, rows]
+            n_rows = h_rows.shape[1]
         else:
             h_rows, cos_r, sin_r = _gather_seq(hidden, rows, 1), _gather_seq(cos, rows, 1), _gather_seq(sin, rows, 1)
             n_rows = rows.shape[1]
@@ -571,6 +810,41 @@ class OpenVLAIntegration(Integration):
             k = attn.k_proj(hidden).view(b, length, n_kv, head_dim).transpose(1, 2)
             k = _compat.apply_rope(k, cos, sin)
         return q, k, scale
+
+    def _last_row_scores(self, attn: Any, layer_idx: int, args: tuple, kwargs: dict, row: int,
+                         length: int) -> torch.Tensor:
+        """Scores [B, length] of query row ``row`` (the same in every batch row: no padding) over the
+        first ``length`` keys of this prefill (``_query_keys`` + ``attention_row_scores``, leaner)."""
+        hidden = _compat.layer_hidden(args, kwargs)
+        geometry = self._geometry.get(attn)
+        if geometry is None:
+            geometry = self._geometry[attn] = _compat.attention_geometry(attn)
+        k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
+        if k is None:
+            q, k, scale = self._query_keys(attn, layer_idx, args, kwargs, slice(row, row + 1))
+            return attention_row_scores(q, k[..., :length, :], self._slice_mask(kwargs, slice(row, row + 1), length),
+                                        scale)
+        cos, sin = _compat.rope_cos_sin(attn, hidden, kwargs)
+        rows = slice(row, row + 1)
+        return _row_scores(attn, geometry, hidden[:, rows], cos[:, rows], sin[:, rows], k[..., :length, :],
+                           self._slice_mask(kwargs, rows, length))
+
+    @staticmethod
+    def _slice_mask(kwargs: dict, rows: slice, key_len: int) -> Optional[torch.Tensor]:
+        """``_row_mask`` for rows given as a slice of a sequence without padding: bool [B|1, 1, R, T],
+        or None when every key is allowed (the last row of a causal sequence: no mask op at all)."""
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            m = mask[..., :key_len]
+            if m.shape[2] != 1:
+                m = m[:, :, rows]
+            return _bool_allowed(m)
+        start, stop = rows.start, rows.stop
+        if start == stop - 1 == key_len - 1:
+            return None
+        keys = torch.arange(key_len)
+        pos = torch.arange(start, stop)
+        return (keys.view(1, -1) <= pos.view(-1, 1)).view(1, 1, stop - start, key_len)
 
     def _row_mask(self, kwargs: dict, rows: torch.Tensor, key_len: int, query_pos: torch.Tensor,
                   key_real: Optional[torch.Tensor]) -> torch.Tensor:
@@ -593,27 +867,46 @@ class OpenVLAIntegration(Integration):
             rt: _Runtime = state.runtime
             if rt.phase != "prefill" or rt.visual_emb is None:
                 return None
+            t0 = time.perf_counter()
+            rt.commit_stashed()  # the previous step's action rows (scored here: see stash_step)
             config: VisualPruning = state.config
             length = rt.seq_len
             b, n = rt.visual_emb.shape[:2]
-            device = rt.visual_emb.device
-            pos = torch.arange(length, device=device)
-            real = rt.mm_mask if rt.mm_mask is not None else torch.ones(b, length, dtype=torch.bool, device=device)
-            if config.semantic == "last":
-                last = torch.where(real, pos, torch.full_like(pos, -1)).amax(dim=1)  # last real row
+            if config.semantic == "last" and rt.dense:  # no padding: the row is the same in every batch row
+                last = length - 1
                 if rt.query_rows > 1:  # a chunked head: the last prompt row precedes the action queries
-                    last = (last - rt.query_rows).clamp_min(VISUAL_START + n)
-                rows = last.view(b, 1)
-                weights = None
-            else:  # prefill_mean: every real row of the prefill
-                rows = pos.view(1, -1).expand(b, -1)
-                weights = real.float()
-            q, k, scale = self._query_keys(module, rt.layer - 1, args, kwargs, rows)
-            k = k[..., :length, :]
-            allowed = self._row_mask(kwargs, rows, length, rows, real)
-            scores = attention_row_scores(q, k, allowed, scale, row_weights=weights)  # [B, L]
+                    last = max(last - rt.query_rows, VISUAL_START + n)
+                scores = self._last_row_scores(module, rt.layer - 1, args, kwargs, last, length)  # [B, L]
+            else:
+                device = rt.visual_emb.device
+                pos = torch.arange(length, device=device)
+                real = rt.mm_mask if rt.mm_mask is not None else torch.ones(b, length, dtype=torch.bool, device=device)
+                if config.semantic == "last":
+                    last = torch.where(real, pos, torch.full_like(pos, -1)).amax(dim=1)  # last real row
+                    if rt.query_rows > 1:  # a chunked head: the last prompt row precedes the action queries
+                        last = (last - rt.query_rows).clamp_min(VISUAL_START + n)
+                    rows = last.view(b, 1)
+                    weights = None
+                else:  # prefill_mean: every real row of the prefill
+                    rows = pos.view(1, -1).expand(b, -1)
+                    weights = real.float()
+                q, k, scale = self._query_keys(module, rt.layer - 1, args, kwargs, rows)
+                k = k[..., :length, :]
+                allowed = self._row_mask(kwargs, rows, length, rows, real)
+                scores = attention_row_scores(q, k, allowed, scale, row_weights=weights)  # [B, L]
             rt.semantic = scores[:, VISUAL_START:VISUAL_START + n]
+            # the last prompt row is also the first action row when the action layer is K-1: the
+            # same row, layer, keys and mask, so the same numbers (the action hook then skips it)
+            rt.semantic_row = None
+            if _FAST_PATHS and config.semantic == "last" and rt.query_rows == 1 and rt.needs_action \
+                    and rt.action_layer == rt.layer - 1:
+                rt.semantic_row = scores
+                rt.scored_sum = rt.semantic
+                rt.action_rows = 1
+            t1 = time.perf_counter()
+            rt.t_scoring += t1 - t0
             self._select(state, rt, config)
+            rt.t_selection += time.perf_counter() - t1
             return None
         return hook
 
@@ -629,26 +922,36 @@ class OpenVLAIntegration(Integration):
         if not warm and m_total < n:
             semantic = rt.semantic
             action = rt.history.smoothed()
-            has = rt.history.has_history()
             if action is None:
                 action = semantic
+            elif rt.history.all_rows_recorded():  # known on the host: no where() needed
+                action = action.to(semantic.device)
             else:
+                has = rt.history.has_history()
                 action = torch.where(has.view(-1, 1).to(action.device), action.to(semantic.device), semantic)
-            picks = []
-            for i, m in enumerate(budgets):
-                sl = slice(i * per, (i + 1) * per)
-                if config.strategy == "dual":
-                    idx = dual_select(semantic[:, sl], action[:, sl], emb[:, sl], m)
-                else:
-                    idx = select_tokens(config.strategy, m, scores=semantic[:, sl], action_scores=action[:, sl],
-                                        embeddings=emb[:, sl], seed=config.seed + rt.control_steps)
-                picks.append(idx + i * per)
-            kept = torch.cat(picks, dim=1)  # ascending: blocks in order, each ascending
-            length = rt.seq_len
-            head = torch.arange(VISUAL_START, device=kept.device).view(1, -1).expand(b, -1)
-            tail = torch.arange(VISUAL_START + n, length, device=kept.device).view(1, -1).expand(b, -1)
-            rt.kept_visual = kept
-            rt.keep_seq = torch.cat([head, kept + VISUAL_START, tail], dim=1)
+            host = None
+            if config.strategy == "dual" and len(budgets) == 1:  # CPU: NumPy (None elsewhere)
+                host = dual_select_host(semantic, action, emb, budgets[0]) if _FAST_PATHS else None
+            if host is not None:  # the keep indices in NumPy too: a few calls instead of six torch ops
+                head, tail = _seq_parts(b, n, rt.seq_len)
+                rt.kept_visual = torch.from_numpy(host)
+                rt.keep_seq = torch.from_numpy(np.concatenate((head, host + VISUAL_START, tail), axis=1))
+            else:
+                picks = []
+                for i, m in enumerate(budgets):
+                    sl = slice(i * per, (i + 1) * per)
+                    if config.strategy == "dual":
+                        idx = dual_select(semantic[:, sl], action[:, sl], emb[:, sl], m)
+                    else:
+                        idx = select_tokens(config.strategy, m, scores=semantic[:, sl], action_scores=action[:, sl],
+                                            embeddings=emb[:, sl], seed=config.seed + rt.control_steps)
+                    picks.append(idx + i * per if i else idx)
+                kept = torch.cat(picks, dim=1) if len(picks) > 1 else picks[0]  # ascending: blocks in order
+                length = rt.seq_len
+                rt.kept_visual = kept
+                head = torch.arange(VISUAL_START, device=kept.device).view(1, -1).expand(b, -1)
+                tail = torch.arange(VISUAL_START + n, length, device=kept.device).view(1, -1).expand(b, -1)
+                rt.keep_seq = torch.cat([head, kept + VISUAL_START, tail], dim=1)
         rt.last = {
             "batch": b, "visual_before": n, "images": rt.n_images, "budgets": budgets,
             "kept_visual": rt.kept_visual, "warm": list(rt.warm), "seq_len": rt.seq_len,
@@ -660,77 +963,139 @@ class OpenVLAIntegration(Integration):
         def hook(module: Any, args: tuple, kwargs: dict) -> Optional[Tuple[tuple, dict]]:
             rt: _Runtime = state.runtime
             keep = rt.keep_seq
-            if keep is None or rt.phase == "idle":
-                return None
-            length = rt.seq_len
-            hidden = _compat.layer_hidden(args, kwargs)
-            kw = dict(kwargs)
-            if rt.phase == "prefill":
-                if hidden.shape[1] == length:
-                    args, kw = _compat.with_layer_hidden(args, kw, gather_rows(hidden, keep, 1))
-                elif hidden.shape[1] != keep.shape[1]:
-                    raise RuntimeError(f"pruned layer got {hidden.shape[1]} tokens, expected {length} or "
-                                       f"{keep.shape[1]}")
-                # every layer >= K gets the same position / mask objects: gather them once per call
-                pid = kw.get("position_ids")
-                if isinstance(pid, torch.Tensor) and pid.shape[-1] == length:
-                    kw["position_ids"] = rt.memo_get("position_ids", pid, lambda: _gather_seq(pid.view(-1, length), keep, 1))
-                pe = kw.get("position_embeddings")
-                if isinstance(pe, (tuple, list)) and pe[0].shape[-2] == length:
-                    kw["position_embeddings"] = rt.memo_get(
-                        "position_embeddings", pe, lambda: (_gather_seq(pe[0], keep, 1), _gather_seq(pe[1], keep, 1)))
-                cp = kw.get("cache_position")
-                if isinstance(cp, torch.Tensor) and cp.dim() == 1 and cp.shape[0] == length:
-                    kw["cache_position"] = rt.memo_get("cache_position", cp, lambda: cp.index_select(0, keep[0]))
-                mask = kw.get("attention_mask")
-                if isinstance(mask, torch.Tensor):
-                    kw["attention_mask"] = rt.memo_get("attention_mask", mask,
-                                                       lambda: _gather_prefill_mask(mask, keep, length))
-                return args, kw
-            # decode: gather the mask columns of the prompt part (generated columns follow as they are)
-            mask = kw.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.dim() in (2, 4) and mask.shape[-1] >= length:
-                kw["attention_mask"] = rt.memo_get("decode_mask", mask,
-                                                   lambda: _gather_decode_mask(mask, keep, length))
-                return args, kw
-            return None
+            if keep is None or rt.phase == "idle" or (rt.phase == "decode" and kwargs.get("attention_mask") is None):
+                return None  # nothing to gather (a decode step without a mask)
+            t0 = time.perf_counter()
+            try:
+                return self._pruned_layer_inputs(rt, keep, args, kwargs)
+            finally:
+                rt.t_other += time.perf_counter() - t0
         return hook
 
+    @staticmethod
+    def _pruned_layer_inputs(rt: _Runtime, keep: torch.Tensor, args: tuple,
+                             kwargs: dict) -> Optional[Tuple[tuple, dict]]:
+        length = rt.seq_len
+        hidden = _compat.layer_hidden(args, kwargs)
+        if rt.phase == "prefill":
+            kw = dict(kwargs)
+            if hidden.shape[1] == length:
+                if hidden.device.type == "cpu" and keep.shape[0] == 1:  # one op instead of the kernel
+                    kept_hidden = hidden.index_select(1, keep[0])       # dispatcher's five (same rows)
+                else:
+                    kept_hidden = gather_rows(hidden, keep, 1)
+                args, kw = _compat.with_layer_hidden(args, kw, kept_hidden)
+            elif hidden.shape[1] != keep.shape[1]:
+                raise RuntimeError(f"pruned layer got {hidden.shape[1]} tokens, expected {length} or "
+                                   f"{keep.shape[1]}")
+            # every layer >= K gets the same position / mask objects: gather them once per call
+            pid = kw.get("position_ids")
+            if isinstance(pid, torch.Tensor) and pid.shape[-1] == length:
+                kw["position_ids"] = rt.memo_get("position_ids", pid, lambda: _gather_seq(pid.view(-1, length), keep, 1))
+            pe = kw.get("position_embeddings")
+            if isinstance(pe, (tuple, list)) and pe[0].shape[-2] == length:
+                kw["position_embeddings"] = rt.memo_get(
+                    "position_embeddings", pe, lambda: (_gather_seq(pe[0], keep, 1), _gather_seq(pe[1], keep, 1)))
+            cp = kw.get("cache_position")
+            if isinstance(cp, torch.Tensor) and cp.dim() == 1 and cp.shape[0] == length:
+                kw["cache_position"] = rt.memo_get("cache_position", cp, lambda: cp.index_select(0, keep[0]))
+            mask = kw.get("attention_mask")
+            if isinstance(mask, torch.Tensor):
+                kw["attention_mask"] = rt.memo_get("attention_mask", mask,
+                                                   lambda: _gather_prefill_mask(mask, keep, length))
+            return args, kw
+        # decode: gather the mask columns of the prompt part (generated columns follow as they are)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() in (2, 4) and mask.shape[-1] >= length:
+            kw = dict(kwargs)
+            kw["attention_mask"] = rt.memo_get("decode_mask", mask,
+                                               lambda: _gather_decode_mask(mask, keep, length))
+            return args, kw
+        return None
+
     def _action_hook(self, state: Any, layer_idx: int):
+        geometry_of: Dict[int, Tuple[int, int, int, float]] = {}  # this layer's attention geometry
+
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
             rt: _Runtime = state.runtime
-            if rt.phase not in ("prefill", "decode") or not rt.active or rt.visual_emb is None:
+            if rt.phase not in ("prefill", "decode") or not rt.active or rt.visual_emb is None \
+                    or not rt.needs_action:  # fastv, divprune, ...: no action scores to record
                 return None
+            t0 = time.perf_counter()
+            if rt.phase == "decode" and _FAST_PATHS:  # the common case first: keep what the row's score needs
+                hidden = kwargs["hidden_states"] if not args else args[0]
+                k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
+                mask = kwargs.get("attention_mask")
+                if k is not None and hidden.shape[1] == 1 and mask is None:
+                    geometry = geometry_of.get(id(module))
+                    if geometry is None:
+                        geometry = geometry_of[id(module)] = _compat.attention_geometry(module)
+                    cos, sin = _compat.rope_cos_sin(module, hidden, kwargs)
+                    pruned_here = rt.keep_seq is not None and layer_idx >= rt.layer
+                    rt.pending.append((module, geometry, hidden, cos, sin, k, None,
+                                       rt.kept_visual if pruned_here else None, rt.visual_emb.shape[1]))
+                    rt.decode_steps += 1
+                    rt.action_rows += 1
+                    rt.t_scoring += time.perf_counter() - t0
+                    return None
             hidden = _compat.layer_hidden(args, kwargs)
             b, q_len = hidden.shape[:2]
             n = rt.visual_emb.shape[1]
             pruned_here = rt.keep_seq is not None and layer_idx >= rt.layer
             n_rows = 1
+            probs = None
             if rt.phase == "prefill":
                 # the last real prompt row (or the last ``action_query_rows`` rows of a chunked
                 # action head), in this layer's (possibly pruned) sequence
-                real = rt.mm_mask
-                if real is not None and pruned_here:
-                    real = _gather_seq(real, rt.keep_seq, 1)
-                pos = torch.arange(q_len, device=hidden.device)
                 n_rows = min(rt.query_rows, q_len)
-                if real is None:
-                    rows = pos[q_len - n_rows:].view(1, -1).expand(b, -1)
+                if rt.semantic_row is not None and layer_idx == rt.layer - 1:
+                    return None  # the semantic hook recorded this row (the same numbers)
+                if rt.dense and n_rows == 1:
+                    probs = self._last_row_scores(module, layer_idx, args, kwargs, q_len - 1, q_len)
+                elif rt.dense:
+                    rows = slice(q_len - n_rows, q_len)
+                    q, k, scale = self._query_keys(module, layer_idx, args, kwargs, rows)
+                    k = k[..., :q_len, :]
+                    allowed = self._slice_mask(kwargs, rows, k.shape[-2])
                 else:
-                    rows = torch.topk(torch.where(real, pos, torch.full_like(pos, -1)), n_rows, dim=1).values.flip(1)
-                q, k, scale = self._query_keys(module, layer_idx, args, kwargs, rows)
-                k = k[..., :q_len, :]
-                allowed = self._row_mask(kwargs, rows, k.shape[-2], rows, real)
+                    real = rt.mm_mask
+                    if real is not None and pruned_here:
+                        real = _gather_seq(real, rt.keep_seq, 1)
+                    pos = torch.arange(q_len, device=hidden.device)
+                    if real is None:
+                        rows = pos[q_len - n_rows:].view(1, -1).expand(b, -1)
+                    else:
+                        rows = torch.topk(torch.where(real, pos, torch.full_like(pos, -1)), n_rows, dim=1).values.flip(1)
+                    q, k, scale = self._query_keys(module, layer_idx, args, kwargs, rows)
+                    k = k[..., :q_len, :]
+                    allowed = self._row_mask(kwargs, rows, k.shape[-2], rows, real)
             else:
-                q, k, scale = self._query_keys(module, layer_idx, args, kwargs, None)
-                key_len = k.shape[-2]
-                mask = kwargs.get("attention_mask")
-                if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-                    allowed = _bool_allowed(mask[:, :, -1:, :key_len])
+                # decode: keep what this row's score needs (the layer's input row, its RoPE row, the
+                # keys the cache holds now, the mask row); _score_decode_row scores it later with
+                # the ops it would run here
+                geometry = geometry_of.get(id(module))
+                if geometry is None:
+                    geometry = geometry_of[id(module)] = _compat.attention_geometry(module)
+                cos, sin = _compat.rope_cos_sin(module, hidden, kwargs)
+                k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
+                if k is None or not _FAST_PATHS:  # no cache object to read later: score now
+                    q, k, scale = self._query_keys(module, layer_idx, args, kwargs, None)
+                    rec = None
                 else:
-                    allowed = None
+                    if hidden.shape[1] != 1:
+                        hidden, cos, sin = hidden[:, -1:], cos[:, -1:], sin[:, -1:]
+                    rec = (module, geometry, hidden, cos, sin, k)
+                mask = kwargs.get("attention_mask")
+                mask_row = mask[:, :, -1:, :k.shape[-2]] if isinstance(mask, torch.Tensor) and mask.dim() == 4 else None
                 rt.decode_steps += 1
-            probs = attention_row_scores(q, k, allowed, scale)  # [B, T]
+                if rec is not None:
+                    rt.pending.append(rec + (mask_row, rt.kept_visual if pruned_here else None, n))
+                    rt.action_rows += 1
+                    rt.t_scoring += time.perf_counter() - t0
+                    return None
+                allowed = None if mask_row is None else _bool_allowed(mask_row)
+            if probs is None:
+                probs = attention_row_scores(q, k, allowed, scale)  # [B, T]
             m_here = rt.kept_visual.shape[1] if pruned_here else n
             vis = probs[:, VISUAL_START:VISUAL_START + m_here]
             if pruned_here:
@@ -739,8 +1104,9 @@ class OpenVLAIntegration(Integration):
                 vis = full
             if n_rows != 1:  # a sum over rows: every action row weighs the same in the step's mean
                 vis = vis * n_rows
-            rt.action_sum = vis if rt.action_sum is None else rt.action_sum + vis
+            rt.scored_sum = vis if rt.scored_sum is None else rt.scored_sum + vis
             rt.action_rows += n_rows
+            rt.t_scoring += time.perf_counter() - t0
             return None
         return hook
 
@@ -748,6 +1114,7 @@ class OpenVLAIntegration(Integration):
     def reset(self, model: Any, state: Any) -> None:
         rt: _Runtime = state.runtime
         rt.clear_step()
+        rt.stashed = None
         rt.history.reset()
         rt.last = None
 
@@ -757,6 +1124,10 @@ class OpenVLAIntegration(Integration):
             "layer": rt.layer, "action_layer": rt.action_layer, "depth": rt.depth,
             "control_steps": rt.control_steps, "history": state.config.history,
             "warmup": state.config.effective_warmup,
+            # host time vprune spent in the last control step (prefill and every decode step), ms
+            "overhead_ms": {"scoring": rt.t_scoring * 1e3, "selection": rt.t_selection * 1e3,
+                            "other": rt.t_other * 1e3,
+                            "total": (rt.t_scoring + rt.t_selection + rt.t_other) * 1e3},
         }
         last = rt.last
         if last is None:

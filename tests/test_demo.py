@@ -11,6 +11,7 @@ def test_demo_prints_table_and_writes_png(tmp_path, capsys):
     assert main(["demo", "--episodes", "1", "--png", str(png), "--json", str(js), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "unpruned" in out and "dual 25%" in out and "LLM FLOPs skipped" in out
+    assert "vprune's own time" in out
     assert Image.open(png).size[0] > 256
     rows = json.loads(js.read_text())["rows"]
     assert rows[0]["visual_tokens_per_step"] == 64
@@ -26,5 +27,9 @@ def test_eval_vla_table_plot_and_checks(tmp_path, capsys):
     assert "dual" in out and "25%" in out
     res = json.loads(js.read_text())
     assert {c["keep"] for c in res["configs"]} == {1.0, 0.25}
-    assert res["overhead"]["measured"] and res["overhead"]["overhead_ms_per_step"] > 0
+    o = res["overhead"]
+    assert o["measured"] and o["overhead_ms_per_step"] > 0 and o["pruned_steps"] > 0
+    assert 0 < o["scoring_selection_frac"] <= o["overhead_frac"] < 1 and o["unpruned_step_ms"] > 0
+    assert set(o["by_part_ms_per_step"]) == {"scoring", "selection", "other"}
+    assert "pruning overhead (scoring + selection + diversity)" in out
     assert Image.open(plot).size == (560, 360)

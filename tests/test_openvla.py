@@ -634,3 +634,98 @@ def test_left_padded_batch_matches_masked_reference():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
     for a, b in zip(got, run(blocked_pruned, toks)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ CPU fast paths (overhead)
+def _rollout_record(policy, proc, seeds, keep=0.25, strategy="dual"):
+    """Closed-loop episodes of the testbed policy: per step, kept indices, the action taken and the
+    history's bytes (the smoothed action scores the next selection reads)."""
+    from vprune.testbed.sim import PickEnv
+    from vprune.testbed.tokenizer import prompt_for
+
+    rec = []
+    vprune.patch(policy, keep=keep, strategy=strategy)
+    try:
+        rt = _runtime(policy)
+        for seed in seeds:
+            vprune.reset(policy)
+            env = PickEnv()
+            obs = env.reset(seed)
+            while not env.done:
+                inputs = proc(prompt_for(obs["instruction"]), obs["image"])
+                with torch.inference_mode():
+                    action = policy.predict_action(**inputs, do_sample=False)
+                kept = vprune.stats(policy)["per_sample"][0]
+                hist = rt.history.scores
+                rec.append((kept["kept_indices"] if kept["pruned"] else None, np.asarray(action).tolist(),
+                            None if hist is None else hist.numpy().tobytes()))
+                obs, _, _, _ = env.step(action)
+    finally:
+        vprune.unpatch(policy)
+    return rec
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.125])
+def test_fast_paths_keep_the_same_tokens_as_the_general_paths(monkeypatch, keep):
+    """The CPU fast paths (slice rows, reused semantic row, deferred decode rows, NumPy selection)
+    change no number: over seeded closed-loop episodes of the trained testbed policy the kept tokens,
+    the actions and the action history are bit-identical to the general code paths."""
+    testbed = pytest.importorskip("vprune.testbed")
+    from vprune.integrations import openvla
+
+    policy, proc = testbed.load_policy(), testbed.load_processor()
+    fast = _rollout_record(policy, proc, [1, 2], keep=keep)
+    monkeypatch.setattr(openvla, "_FAST_PATHS", False)
+    general = _rollout_record(policy, proc, [1, 2], keep=keep)
+    assert len(fast) == len(general) > 10
+    assert sum(r[0] is not None for r in fast) > 5
+    for step, (a, b) in enumerate(zip(fast, general)):
+        assert a == b, f"step {step} differs"
+
+
+def test_row_scores_equal_the_query_keys_path():
+    """The lean one-row scorer equals _query_keys + attention_row_scores bit for bit (GQA testbed LM)."""
+    from vprune.integrations import openvla
+    from vprune.scoring import attention_row_scores
+
+    m = _testbed(seed=3)
+    ids, pix = T.inputs(seed=21, prompt_len=6)
+    vprune.patch(m, vprune.VisualPruning(keep=0.5, warmup=0))
+    integ = OpenVLAIntegration()
+    got = []
+
+    def hook(mod, args, kwargs, out):
+        q, k, scale = integ._query_keys(mod, 1, args, kwargs, None)
+        want = attention_row_scores(q, k, None, scale)
+        hidden = kwargs["hidden_states"] if not args else args[0]
+        cos, sin = _compat.rope_cos_sin(mod, hidden, kwargs)
+        geometry = _compat.attention_geometry(mod)
+        assert geometry[0] != geometry[1]  # grouped-query attention
+        row = openvla._row_scores(mod, geometry, hidden[:, -1:], cos[:, -1:], sin[:, -1:], k, None)
+        got.append(torch.equal(row, want))
+
+    h = _layers(m)[1].self_attn.register_forward_hook(hook, with_kwargs=True)
+    try:
+        _greedy(m, ids, pix, 2)
+    finally:
+        h.remove()
+        vprune.unpatch(m)
+    assert got and all(got)
+
+
+def test_overhead_timers_in_stats_and_no_action_scoring_for_fastv():
+    m = _testbed(seed=4)
+    ids, pix = T.inputs(seed=22)
+    vprune.patch(m, vprune.VisualPruning(keep=0.25, warmup=0))
+    _act(m, ids, pix)
+    ov = vprune.stats(m)["overhead_ms"]
+    assert set(ov) == {"scoring", "selection", "other", "total"}
+    assert ov["scoring"] > 0 and ov["selection"] > 0
+    assert abs(ov["total"] - ov["scoring"] - ov["selection"] - ov["other"]) < 1e-9
+    vprune.unpatch(m)
+    vprune.patch(m, keep=0.25, strategy="fastv")  # fastv never reads action scores: none are computed
+    for _ in range(5):
+        _act(m, ids, pix)
+    rt = _runtime(m)
+    assert rt.history.scores is None and vprune.stats(m)["per_sample"][0]["pruned"]
+    vprune.unpatch(m)

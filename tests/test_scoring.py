@@ -61,3 +61,16 @@ def test_bad_shapes_and_gqa_mismatch():
 def test_cosine_distance():
     x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]]])
     torch.testing.assert_close(cosine_distance(x), torch.tensor([[[0.0, 1, 2], [1, 0, 1], [2, 1, 0]]]))
+
+
+def test_cosine_distance_is_one_minus_the_normalised_gram():
+    """cosine_distance / cosine_gram use F.normalize's ops without its wrappers: the same bits."""
+    from vprune.scoring import cosine_gram
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 17, 9)
+    x[0, 3] = 0.0  # a zero row: the 1e-12 clamp
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    gram = torch.matmul(xn, xn.transpose(-1, -2))
+    assert torch.equal(cosine_gram(x), gram)
+    assert torch.equal(cosine_distance(x), 1.0 - gram)

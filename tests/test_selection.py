@@ -1,5 +1,6 @@
 """Selection strategies: static sizes, ascending order, exact against brute-force references."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,3 +108,56 @@ def test_nan_scores_raise_clear_error():
 def test_missing_inputs_and_unknown_strategy(strategy, kw, msg):
     with pytest.raises(ValueError, match=msg):
         select_tokens(strategy, 1, **kw)
+
+
+def _tie_heavy(gen, b, n, d):
+    """Scores with many exact ties (rounded, zero blocks) and embeddings with duplicate rows."""
+    sem = (torch.rand(b, n, generator=gen) * 4).round() / 4
+    act = torch.rand(b, n, generator=gen)
+    act[:, : n // 3] = 0.0
+    emb = torch.randn(b, n, d, generator=gen)
+    emb[:, 5] = emb[:, 9]
+    return sem, act, emb
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cpu_host_path_matches_the_torch_path(seed):
+    """dual / greedy / top-k on CPU run in NumPy and Python; every index equals the torch path (the
+    one other devices and traced code use), ties and duplicate embeddings included."""
+    from vprune.kernels import select_topk
+    from vprune.selection import _dual_select_torch, _greedy_torch, dual_select_host, topk_ascending
+
+    gen = torch.Generator().manual_seed(seed)
+    b, n = (1, 64) if seed % 2 else (3, 37)
+    for k in (1, n // 8 or 1, n // 4, n // 2, n):
+        if seed % 4 < 2:
+            sem, act, emb = _tie_heavy(gen, b, n, 6)
+        else:
+            sem, act, emb = torch.randn(b, n, generator=gen), torch.randn(b, n, generator=gen), torch.randn(b, n, 6, generator=gen)
+        host = dual_select_host(sem, act, emb, k)
+        assert host is not None and host.dtype == np.int64
+        assert torch.equal(torch.from_numpy(host), _dual_select_torch(sem, act, emb, k))
+        assert torch.equal(dual_select(sem, act, emb, k), _dual_select_torch(sem, act, emb, k))
+        assert torch.equal(topk_ascending(act, k), select_topk(act, k))
+        cand = torch.rand(b, n, generator=gen) < 0.6
+        cand[:, :k] = True
+        first = torch.where(cand, sem, torch.tensor(float("-inf"))).argmax(dim=-1)
+        assert torch.equal(greedy_max_min(emb, k), _greedy_torch(emb, k))
+        assert torch.equal(greedy_max_min(emb, k, candidates=cand), _greedy_torch(emb, k, candidates=cand))
+        assert torch.equal(greedy_max_min(emb, k, candidates=cand, first=first),
+                           _greedy_torch(emb, k, candidates=cand, first=first))
+
+
+def test_host_path_declines_what_it_does_not_cover():
+    from vprune.selection import dual_select_host
+
+    s, e = torch.rand(1, 8), torch.rand(1, 8, 3)
+    assert dual_select_host(s.half(), s.half(), e, 2) is None   # fp16 scores: the torch path
+    assert dual_select_host(s, s, e, 9) is None                 # a bad k: the torch path raises
+    with pytest.raises(ValueError, match="NaN"):
+        dual_select(torch.tensor([[0.1, float("nan"), 0.3]]), torch.rand(1, 3), torch.rand(1, 3, 2), 1)
+    nan_emb = torch.rand(1, 6, 3)
+    nan_emb[0, 2] = float("nan")  # NaN distances: the torch loop's literal steps
+    sem, act = torch.arange(6.0)[None], torch.arange(6.0).flip(0)[None]
+    from vprune.selection import _dual_select_torch
+    assert torch.equal(dual_select(sem, act, nan_emb, 3), _dual_select_torch(sem, act, nan_emb, 3))

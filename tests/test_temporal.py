@@ -145,3 +145,17 @@ def test_dual_cut_prefers_diverse_tokens():
     act = torch.tensor([[0.0, 0.0, 0.0, 0.5, 1.0, 0.9]])
     got = dual_select(sem, act, emb, 3)[0].tolist()
     assert got == [0, 4, 5]  # the best semantic token plus the two diverse action tokens
+
+
+def test_smoothed_is_the_weighted_window_sum_and_counts_live_on_the_host():
+    h = ActionHistory(window=3, decay=0.8, warmup=0)
+    torch.manual_seed(0)
+    steps = [torch.rand(2, 5) for _ in range(4)]
+    for i, s in enumerate(steps):
+        h.record(s)
+        assert h.recorded == [min(i + 1, 3)] * 2 and h.filled.tolist() == [min(i + 1, 3)] * 2
+    want = torch.einsum("bwn,w->bn", torch.stack(steps[::-1][:3], dim=1), h.weights)
+    assert torch.equal(h.smoothed(), want)  # newest first, weighted 1, 0.8, 0.64
+    assert h.all_rows_recorded()
+    h.reset(rows=[1])
+    assert h.recorded == [3, 0] and not h.all_rows_recorded() and h.has_history().tolist() == [True, False]

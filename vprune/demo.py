@@ -73,14 +73,17 @@ def run_config(policy: Any, processor: Any, seeds: List[int], progress: Progress
 
     def on_step(info: Dict[str, Any]) -> None:
         if not patched:
-            per_step.append({"visual": policy.config.num_patches, "flops_skipped": 0, "pruned": False})
+            per_step.append({"visual": policy.config.num_patches, "flops_skipped": 0, "pruned": False,
+                             "step": info["step"]})
             return
         st = vprune.stats(policy)
         rows = st.get("per_sample") or []
         row = rows[0] if rows else {}
         per_step.append({"visual": row.get("visual_after", policy.config.num_patches),
                          "flops_skipped": int(st.get("flops_skipped", 0)) / max(1, len(rows)),
-                         "pruned": bool(row.get("pruned", False))})
+                         "pruned": bool(row.get("pruned", False)), "step": info["step"],
+                         # vprune's own host time in this step, by part (timed inside the integration)
+                         "overhead_ms": dict(st.get("overhead_ms") or {})})
         if capture is not None and info["episode_index"] == 0 and len(capture.setdefault("frames", [])) < 64:
             capture["frames"].append({"step": info["step"], "image": info["images"][0],
                                       "kept": vprune.viz.kept_indices_from_stats(st),
@@ -96,6 +99,7 @@ def summarize(name: str, res: Dict[str, Any], step_flops: int) -> Dict[str, Any]
     per = res["per_step"]
     lat = np.asarray(res["step_latency_s"]) * 1e3
     pruned_lat = [l for l, p in zip(lat, per) if p["pruned"]]
+    pruned_ovh = [p["overhead_ms"].get("total", 0.0) for p in per if p["pruned"] and p.get("overhead_ms")]
     return {
         "config": name,
         "success_rate": res["success_rate"],
@@ -104,6 +108,7 @@ def summarize(name: str, res: Dict[str, Any], step_flops: int) -> Dict[str, Any]
         "visual_tokens_per_step": float(np.mean([p["visual"] for p in per])) if per else 0.0,
         "latency_ms": float(np.mean(lat)) if len(lat) else 0.0,
         "latency_ms_pruned_steps": float(np.mean(pruned_lat)) if pruned_lat else None,
+        "vprune_ms_pruned_steps": float(np.mean(pruned_ovh)) if pruned_ovh else None,
         "flops_skipped_frac": float(np.mean([p["flops_skipped"] for p in per]) / step_flops) if per else 0.0,
     }
 
@@ -196,6 +201,11 @@ def run(args: argparse.Namespace) -> int:
               f"(pruned steps only: {q['latency_ms_pruned_steps'] or 0:.1f} ms; the first "
               f"{cfg.get('warmup') if cfg.get('warmup') is not None else cfg.get('history')} steps of each episode "
               f"run unpruned as warm-up)")
+    if q.get("vprune_ms_pruned_steps") is not None and q.get("latency_ms_pruned_steps"):
+        print(f"vprune's own time (scoring, selection, bookkeeping; timed inside the integration): "
+              f"{q['vprune_ms_pruned_steps']:.2f} ms per pruned step = "
+              f"{q['vprune_ms_pruned_steps'] / q['latency_ms_pruned_steps'] * 100:.1f}% of it "
+              f"({torch.get_num_threads()} torch threads; `vprune eval vla` measures it episode-interleaved)")
     png = write_png(capture, args.png, grid=policy.config.image_size // policy.config.patch_size, title=name)
     if png:
         print(f"kept-token figure: {png}")

@@ -43,6 +43,8 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor
         else:
             logits = logits + mask.float()
     probs = torch.softmax(logits, dim=-1)
+    if mask is None:  # no key is masked, so no row is fully masked (3 small ops saved per call)
+        return probs
     # Only rows whose keys are all masked become zeros; a NaN from the inputs (fp16 overflow, NaN
     # weights) stays NaN so that selection reports it instead of silently scoring zeros.
     all_masked = torch.isneginf(logits).all(dim=-1, keepdim=True)
@@ -59,7 +61,7 @@ def attention_row_scores(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.
     """
     probs = attention_rows(q, k, mask, scale).mean(dim=1)  # [B, R, N], head mean
     if row_weights is None:
-        return probs.mean(dim=1)
+        return probs[:, 0] if probs.shape[1] == 1 else probs.mean(dim=1)  # one row: its own mean
     w = row_weights.to(probs.dtype)
     return (probs * w.unsqueeze(-1)).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -69,7 +71,15 @@ def key_norm_scores(k: torch.Tensor) -> torch.Tensor:
     return k.float().norm(dim=-1).mean(dim=1)
 
 
+def cosine_gram(x: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity cos(x_i, x_j): [B, N, D] -> [B, N, N] fp32 (x_i / max(||x_i||, 1e-12)
+    as ``F.normalize``, then one batched matmul)."""
+    x = x.float()
+    # F.normalize(x, dim=-1) without its Python wrappers: the same ops
+    xn = x / torch.linalg.vector_norm(x, 2, -1, keepdim=True).clamp_min(1e-12)
+    return torch.matmul(xn, xn.transpose(-1, -2))
+
+
 def cosine_distance(x: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine distance 1 - cos(x_i, x_j): [B, N, D] -> [B, N, N] fp32."""
-    xn = torch.nn.functional.normalize(x.float(), dim=-1)
-    return 1.0 - torch.matmul(xn, xn.transpose(-1, -2))
+    return 1.0 - cosine_gram(x)

@@ -39,8 +39,9 @@ class ActionHistory:
     start of each episode (counted per row).
 
     Storage (allocated on the first ``record``): ``scores [B, w, N]`` fp32, newest step at index 0;
-    ``filled [B]`` how many of the w slots hold a recorded step; ``steps`` (Python ints, one per row)
-    control steps started since the row's last reset (drives the warm-up without device syncs).
+    ``recorded`` (Python ints, one per row) how many of the w slots hold a recorded step (``filled``
+    is the same as an int64 tensor); ``steps`` (Python ints) control steps started since the row's
+    last reset. Counts live on the host: warm-up and "has history" need no device sync or tensor op.
 
     The batch size and the token count are fixed within an episode: a call with another shape raises
     ``ValueError`` saying to call ``vprune.reset(model)`` (a new episode) first.
@@ -54,8 +55,9 @@ class ActionHistory:
         self.decay = float(decay)
         self.warmup = warmup
         self.scores: Optional[torch.Tensor] = None  # [B, w, N] fp32, newest first
-        self.filled: Optional[torch.Tensor] = None  # [B] int64
         self.steps: List[int] = []                  # per row: control steps started since reset
+        self.recorded: List[int] = []               # per row: recorded steps held (at most w)
+        self._weights_on: Optional[torch.Tensor] = None  # ``weights`` on the scores' device
 
     # ----------------------------------------------------------------------------------- shape
     @property
@@ -66,10 +68,17 @@ class ActionHistory:
     def n_tokens(self) -> Optional[int]:
         return None if self.scores is None else self.scores.shape[2]
 
+    @property
+    def filled(self) -> Optional[torch.Tensor]:
+        """int64 [B]: recorded steps held per row (None before anything was recorded)."""
+        if self.scores is None:
+            return None
+        return torch.tensor(self.recorded, dtype=torch.int64, device=self.scores.device)
+
     def _ensure(self, batch: int, n: int, device: torch.device) -> None:
         if self.scores is None:
             self.scores = torch.zeros(batch, self.window, n, dtype=torch.float32, device=device)
-            self.filled = torch.zeros(batch, dtype=torch.int64, device=device)
+            self.recorded = [0] * batch
             if len(self.steps) != batch:
                 self.steps = [0] * batch
             return
@@ -80,7 +89,6 @@ class ActionHistory:
                 f"must stay fixed within an episode; call vprune.reset(model) at a new episode")
         if self.scores.device != device:
             self.scores = self.scores.to(device)
-            self.filled = self.filled.to(device)
 
     # ----------------------------------------------------------------------------- per step
     def begin_step(self, batch: int) -> List[bool]:
@@ -104,21 +112,32 @@ class ActionHistory:
             raise ValueError(f"action scores must be [B, N], got shape {tuple(scores.shape)}")
         b, n = scores.shape
         self._ensure(b, n, scores.device)
-        new = scores.detach().float().unsqueeze(1)
+        new = (scores if scores.dtype == torch.float32 and not scores.requires_grad
+               else scores.detach().float()).unsqueeze(1)
         self.scores = torch.cat([new, self.scores[:, : self.window - 1]], dim=1)
-        self.filled = (self.filled + 1).clamp_max(self.window)
+        self.recorded = [min(r + 1, self.window) for r in self.recorded]
 
     def smoothed(self) -> Optional[torch.Tensor]:
         """``S_hat [B, N]`` fp32: the decay-weighted sum of the recorded steps (newest weighted 1);
         None before anything was recorded. Rows with nothing recorded are all zero (see ``has_history``)."""
         if self.scores is None:
             return None
-        w = self.weights.to(self.scores.device)
-        return torch.einsum("bwn,w->bn", self.scores, w)
+        w = self._weights_on
+        if w is None or w.device != self.scores.device:
+            w = self._weights_on = self.weights.to(self.scores.device)
+        # [w] @ [B, w, N]: the weighted sum over the window (one op; einsum took several; the same
+        # fp32 values in tests/test_temporal.py)
+        return torch.matmul(w, self.scores)
 
     def has_history(self) -> Optional[torch.Tensor]:
         """bool [B]: rows with at least one recorded step (None before anything was recorded)."""
-        return None if self.filled is None else self.filled > 0
+        if self.scores is None:
+            return None
+        return torch.tensor([r > 0 for r in self.recorded], dtype=torch.bool, device=self.scores.device)
+
+    def all_rows_recorded(self) -> bool:
+        """Whether every row has at least one recorded step (a host-side answer: no device sync)."""
+        return self.scores is not None and min(self.recorded) > 0
 
     # -------------------------------------------------------------------------------- reset
     def reset(self, rows: Optional[Union[int, Sequence[int], Iterable[int]]] = None) -> None:
@@ -126,8 +145,8 @@ class ActionHistory:
         batch size and token count so the next episode may use other shapes)."""
         if rows is None:
             self.scores = None
-            self.filled = None
             self.steps = []
+            self.recorded = []
             return
         idx = [rows] if isinstance(rows, int) else list(rows)
         batch = len(self.steps) if self.scores is None else self.scores.shape[0]
@@ -137,7 +156,8 @@ class ActionHistory:
         if self.scores is not None:  # out of place: the tensors may come from torch.inference_mode()
             sel = torch.tensor(idx, dtype=torch.long, device=self.scores.device)
             self.scores = self.scores.index_fill(0, sel, 0.0)
-            self.filled = self.filled.index_fill(0, sel, 0)
         for r in idx:
             if r < len(self.steps):
                 self.steps[r] = 0
+            if r < len(self.recorded):
+                self.recorded[r] = 0

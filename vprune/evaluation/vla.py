@@ -7,8 +7,9 @@ the unpruned rate kept), writes a plot (PNG) and checks the targets:
 
 - dual at 25% keeps >= 95% of the unpruned success rate;
 - dual beats fastv at 12.5%;
-- per-step pruning overhead (scoring + selection + diversity, timed inside the integration's
-  scoring hooks) < 5% of the pruned step time (batch 1, CPU).
+- per-step pruning overhead (scoring + selection + diversity, timed inside the integration and read
+  from ``vprune.stats``) < 5% of the pruned step time (batch 1, CPU); also printed: all of vprune's
+  code per step and the end-to-end pruned vs unpruned step time (see ``measure_overhead``).
 
 Episodes run in lock-step batches (``--batch``; every row is its own environment with its own
 temporal history); latencies and the overhead are measured separately at batch 1.
@@ -16,10 +17,9 @@ temporal history); latencies and the overhead are measured separately at batch 1
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -44,73 +44,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@contextlib.contextmanager
-def timed_scoring_hooks(timings: Dict[str, float]) -> Iterator[bool]:
-    """While active, hooks created by ``OpenVLAIntegration`` for scoring (semantic hook, which also
-    selects, and action hook) accumulate their wall time in ``timings``; yields False if the
-    integration does not have the expected hook factories (then nothing is timed)."""
-    try:
-        from vprune.integrations.openvla import OpenVLAIntegration
-    except Exception:
-        yield False
-        return
-    names = [n for n in ("_semantic_hook", "_action_hook") if callable(getattr(OpenVLAIntegration, n, None))]
-    if not names:
-        yield False
-        return
-    originals = {n: OpenVLAIntegration.__dict__[n] for n in names}
-
-    def wrap_factory(name: str, factory: Any) -> Any:
-        def make(self: Any, *args: Any, **kwargs: Any) -> Any:
-            hook = factory(self, *args, **kwargs)
-
-            def timed(*hargs: Any, **hkwargs: Any) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    return hook(*hargs, **hkwargs)
-                finally:
-                    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-            return timed
-        return make
-
-    try:
-        for n in names:
-            setattr(OpenVLAIntegration, n, wrap_factory(n, originals[n]))
-        yield True
-    finally:
-        for n in names:
-            setattr(OpenVLAIntegration, n, originals[n])
-
-
 def measure_overhead(policy: Any, processor: Any, seeds: List[int], layer: Optional[int]) -> Dict[str, Any]:
-    """Batch-1 dual at 25%: mean pruned-step latency and the share spent in scoring + selection."""
+    """Batch 1, dual at 25%: vprune's own time per pruned step, and pruned vs unpruned step time.
+
+    vprune's time is read from ``vprune.stats(policy)["overhead_ms"]`` after every step: host time
+    (perf_counter) the integration spends in its own code, by part: "scoring" (attention rows at the
+    semantic and action layers), "selection" (top-k, union, diversity, keep indices) and "other" (input
+    checks, history update, gathers for the pruned layers). It is divided by the wall time of the same
+    pruned steps (``predict_action``); warm-up steps (unpruned) are left out. The end-to-end comparison
+    runs each seed unpruned, then pruned, episode by episode (load drifts between episodes, not within),
+    and compares steps past the warm-up. Both numbers share the machine's noise: repeat on a busy host.
+    """
+    import torch
+
     import vprune
     from vprune.demo import run_config, Progress
 
-    timings: Dict[str, float] = {}
     kw: Dict[str, Any] = {"keep": 0.25, "strategy": "dual"}
     if layer is not None:
         kw["layer"] = layer
-    with timed_scoring_hooks(timings) as ok:
+    warmup = None
+    base_lat: List[float] = []
+    lat: List[float] = []
+    parts: Dict[str, float] = {}
+    off = Progress(1, "overhead", enabled=False)
+    for seed in seeds:
+        base = run_config(policy, processor, [seed], off)
         vprune.patch(policy, **kw)
         try:
-            res = run_config(policy, processor, seeds, Progress(len(seeds), "overhead", enabled=False))
+            warmup = vprune.stats(policy)["config"].get("warmup")
+            res = run_config(policy, processor, [seed], off)
         finally:
             vprune.unpatch(policy)
-    lat = np.asarray(res["step_latency_s"])
-    pruned = np.asarray([p["pruned"] for p in res["per_step"]], dtype=bool)
-    # timings cover all steps; warm-up steps also score (action history), so compare with all steps
-    total = float(lat.sum())
-    spent = float(sum(timings.values()))
+        for l, p in zip(res["step_latency_s"], res["per_step"]):
+            if p["pruned"]:
+                lat.append(l)
+                for k, v in (p.get("overhead_ms") or {}).items():
+                    parts[k] = parts.get(k, 0.0) + v / 1e3
+        w = 3 if warmup is None else warmup
+        base_lat += [l for l, p in zip(base["step_latency_s"], base["per_step"]) if p["step"] > w]
+    total = float(sum(lat))
+    n = max(1, len(lat))
+    spent = parts.get("total", 0.0)
+    core = parts.get("scoring", 0.0) + parts.get("selection", 0.0)
+    pruned_ms = total / n * 1e3 if lat else None
+    base_ms = float(np.mean(base_lat)) * 1e3 if base_lat else None
     return {
-        "measured": bool(ok),
-        "steps": int(len(lat)),
-        "pruned_steps": int(pruned.sum()),
-        "step_ms": float(lat.mean() * 1e3) if len(lat) else 0.0,
-        "pruned_step_ms": float(lat[pruned].mean() * 1e3) if pruned.any() else None,
-        "overhead_ms_per_step": spent / max(1, len(lat)) * 1e3,
-        "overhead_frac": spent / total if total > 0 and ok else None,
-        "by_hook_ms_per_step": {k: v / max(1, len(lat)) * 1e3 for k, v in timings.items()},
+        "measured": bool(lat) and "total" in parts,
+        "threads": torch.get_num_threads(),
+        "pruned_steps": len(lat),
+        "pruned_step_ms": pruned_ms,
+        "unpruned_step_ms": base_ms,
+        "end_to_end_frac": (pruned_ms - base_ms) / pruned_ms if pruned_ms and base_ms else None,
+        "overhead_ms_per_step": spent / n * 1e3,
+        "scoring_selection_ms_per_step": core / n * 1e3,
+        "by_part_ms_per_step": {k: v / n * 1e3 for k, v in parts.items() if k != "total"},
+        "overhead_frac": spent / total if total > 0 and lat else None,
+        "scoring_selection_frac": core / total if total > 0 and lat else None,
     }
 
 
@@ -197,11 +187,18 @@ def run(args: argparse.Namespace) -> int:
     if {"dual", "fastv"} <= set(strategies) and 0.125 in table["dual"]:
         d, f = table["dual"][0.125], table["fastv"][0.125]
         checks.append({"target": "dual > fastv @12.5%", "value": f"{d * 100:.0f}% vs {f * 100:.0f}%", "ok": d > f})
-    if overhead is not None and overhead["overhead_frac"] is not None:
-        checks.append({"target": "pruning overhead < 5% of step time (batch 1)",
-                       "value": f"{overhead['overhead_ms_per_step']:.2f} ms of {overhead['step_ms']:.1f} ms "
-                                f"({overhead['overhead_frac'] * 100:.1f}%)",
-                       "ok": overhead["overhead_frac"] < 0.05})
+    if overhead is not None and overhead["scoring_selection_frac"] is not None:
+        o = overhead
+        checks.append({"target": "pruning overhead (scoring + selection + diversity) < 5% of the pruned step time "
+                                 "(batch 1)",
+                       "value": f"{o['scoring_selection_ms_per_step']:.2f} ms of {o['pruned_step_ms']:.1f} ms "
+                                f"({o['scoring_selection_frac'] * 100:.1f}%; all of vprune's code "
+                                f"{o['overhead_ms_per_step']:.2f} ms = {o['overhead_frac'] * 100:.1f}%; "
+                                f"{o['threads']} torch threads)",
+                       "ok": o["scoring_selection_frac"] < 0.05})
+        if o["unpruned_step_ms"] is not None:
+            print(f"step time past the warm-up, episode-interleaved: pruned {o['pruned_step_ms']:.1f} ms, unpruned "
+                  f"{o['unpruned_step_ms']:.1f} ms ({o['end_to_end_frac'] * 100:+.1f}% of the pruned step)")
     results["checks"] = checks
     for c in checks:
         print(f"[{'ok' if c['ok'] else 'MISSED'}] {c['target']}: {c['value']}")
