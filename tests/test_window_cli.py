@@ -68,6 +68,7 @@ def test_eval_dlm_statistics():
     assert ev.wilson(0, 10)[0] == 0.0 and ev.wilson(10, 10)[1] == 1.0
     assert ev.mcnemar_p(0, 0) == 1.0
     assert abs(ev.mcnemar_p(0, 5) - 2 / 32) < 1e-12 and abs(ev.mcnemar_p(3, 10) - 0.0923) < 1e-3
+    assert 0.0 < ev.mcnemar_p(600, 700) < 0.01 and ev.mcnemar_p(2000, 2000) == 1.0  # m > 1023: no float overflow
     same = [True, False] * 50
     assert ev.paired_ratio_ci(same, same) == (1.0, 1.0)  # paired: identical outcomes, no spread
     lo, hi = ev.paired_ratio_ci([True] * 40 + [False] * 60, [True] * 50 + [False] * 50)

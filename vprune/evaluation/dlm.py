@@ -149,7 +149,7 @@ def mcnemar_p(b: int, c: int) -> float:
     if m == 0:
         return 1.0
     k = min(b, c)
-    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2.0 ** m
+    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m  # exact ints: no float overflow for m > 1023
     return min(1.0, 2 * tail)
 
 
