@@ -32,7 +32,8 @@ One control step (one ``predict_action`` / ``generate`` call) runs like this:
 2. Action decode (forwards with a non-empty cache): the keep set is fixed; pruned layers get their mask
    columns gathered. At the action layer (default the middle one) a hook recomputes one query row per
    decode step (and the last prefill row, whose output is the first action token) over that layer's
-   cached keys: the attention on the visual keys, 0 for pruned tokens, averaged over heads and rows.
+   cached keys: the attention on the visual keys, averaged over heads and rows, and 0 for the tokens
+   pruned at this step, also when the action layer is below K and still sees them as keys.
    A chunked / parallel-decoding action head (action-query tokens at the end of the prompt, decoded
    in one forward) declares ``action_query_rows = R`` on the model or its config: the last R prefill
    rows are then the action rows, and the semantic row is the prompt row before them.
@@ -302,14 +303,29 @@ def _score_decode_row(rec: Tuple[Any, ...]) -> torch.Tensor:
     ``attention_row_scores`` on the same tensors (the KV cache appends new tensors, so the kept keys
     are the keys of that step)."""
     attn, geometry, h_row, cos_r, sin_r, k, mask_row, kept, n = rec
-    b = h_row.shape[0]
     allowed = None if mask_row is None else _bool_allowed(mask_row)
     probs = _row_scores(attn, geometry, h_row, cos_r, sin_r, k, allowed)  # [B, T]
+    return _visual_scores(probs, kept, n)
+
+
+def _visual_scores(probs: torch.Tensor, kept: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    """[B, N] visual columns of one row's attention ``probs`` [B, T]; ``kept`` [B, M]: the layer saw
+    only these visual tokens (layer >= K), whose M columns are scattered back, 0 elsewhere."""
     if kept is None:
         return probs[:, VISUAL_START:VISUAL_START + n]
     vis = probs[:, VISUAL_START:VISUAL_START + kept.shape[1]]
-    full = torch.zeros(b, n, dtype=vis.dtype, device=vis.device)
+    full = torch.zeros(probs.shape[0], n, dtype=vis.dtype, device=vis.device)
     full.scatter_(1, kept, vis)
+    return full
+
+
+def _zero_unkept(total: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``total`` [B, N] with 0 for every token outside ``kept`` [B, M]: ALGORITHMS.md section 1, "tokens
+    pruned at a step contribute 0". Needed when the action layer is below K: the pruned tokens are
+    still keys there and get attention. Applied once to the step's sum of rows (the same numbers as
+    zeroing each row: kept columns add up in the same order, pruned ones are 0 either way)."""
+    full = torch.zeros_like(total)
+    full.scatter_(1, kept, total.gather(1, kept))
     return full
 
 
@@ -378,11 +394,20 @@ class _Runtime:
 
     @property
     def action_sum(self) -> Optional[torch.Tensor]:
-        """[B, N] sum of this control step's action rows (pending decode rows are scored first)."""
+        """[B, N] sum of this control step's action rows (pending decode rows are scored first), 0 for
+        the tokens pruned at this step."""
         if self.pending:
             rows, self.pending = self.pending, []
             self.scored_sum = _score_decode_rows(self.scored_sum, rows)
-        return self.scored_sum
+        zero = self._unkept()
+        if self.scored_sum is None or zero is None:
+            return self.scored_sum
+        return _zero_unkept(self.scored_sum, zero)
+
+    def _unkept(self) -> Optional[torch.Tensor]:
+        """The kept indices whose complement must be zeroed in this step's action score (a pruned step
+        whose action layer is below K), else None."""
+        return self.kept_visual if self.kept_visual is not None and self.action_layer < self.layer else None
 
     def clear_step(self) -> None:
         self.t_scoring = self.t_selection = self.t_other = 0.0
@@ -423,7 +448,7 @@ class _Runtime:
         after other model code costs 30-60 us more than the same op run again)."""
         self.commit_stashed()
         if self.active and self.action_rows > 0:
-            self.stashed = (self.scored_sum, self.action_rows, self.pending)
+            self.stashed = (self.scored_sum, self.action_rows, self.pending, self._unkept())
         self.scored_sum = None
         self.pending = []
         self.action_rows = 0
@@ -432,9 +457,11 @@ class _Runtime:
         """Score the stashed step's pending decode rows and append its mean action row to the history."""
         if self.stashed is None:
             return
-        total, rows, pending = self.stashed
+        total, rows, pending, zero = self.stashed
         self.stashed = None
         total = _score_decode_rows(total, pending)
+        if total is not None and zero is not None:
+            total = _zero_unkept(total, zero)
         if total is not None:
             self.history.record(total / (_scalar(float(rows)) if total.device.type == "cpu" else rows))
 
@@ -898,15 +925,19 @@ class OpenVLAIntegration(Integration):
             # the last prompt row is also the first action row when the action layer is K-1: the
             # same row, layer, keys and mask, so the same numbers (the action hook then skips it)
             rt.semantic_row = None
-            if _FAST_PATHS and config.semantic == "last" and rt.query_rows == 1 and rt.needs_action \
-                    and rt.action_layer == rt.layer - 1:
+            seed = _FAST_PATHS and config.semantic == "last" and rt.query_rows == 1 and rt.needs_action \
+                and rt.action_layer == rt.layer - 1
+            if seed:
                 rt.semantic_row = scores
-                rt.scored_sum = rt.semantic
-                rt.action_rows = 1
             t1 = time.perf_counter()
             rt.t_scoring += t1 - t0
             self._select(state, rt, config)
-            rt.t_selection += time.perf_counter() - t1
+            t2 = time.perf_counter()
+            rt.t_selection += t2 - t1
+            if seed:  # the first action row (the tokens just pruned get 0 when the step is committed)
+                rt.scored_sum = rt.semantic
+                rt.action_rows = 1
+                rt.t_scoring += time.perf_counter() - t2
             return None
         return hook
 
@@ -1096,12 +1127,7 @@ class OpenVLAIntegration(Integration):
                 allowed = None if mask_row is None else _bool_allowed(mask_row)
             if probs is None:
                 probs = attention_row_scores(q, k, allowed, scale)  # [B, T]
-            m_here = rt.kept_visual.shape[1] if pruned_here else n
-            vis = probs[:, VISUAL_START:VISUAL_START + m_here]
-            if pruned_here:
-                full = torch.zeros(b, n, dtype=vis.dtype, device=vis.device)
-                full.scatter_(1, rt.kept_visual, vis)
-                vis = full
+            vis = _visual_scores(probs, rt.kept_visual if pruned_here else None, n)
             if n_rows != 1:  # a sum over rows: every action row weighs the same in the step's mean
                 vis = vis * n_rows
             rt.scored_sum = vis if rt.scored_sum is None else rt.scored_sum + vis

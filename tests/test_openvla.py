@@ -518,6 +518,32 @@ def test_remote_code_generate_on_new_transformers_raises_naming_the_bug():
     vprune.unpatch(m)
 
 
+
+def test_action_layer_below_k_records_zero_for_pruned_tokens():
+    """ALGORITHMS.md section 1: tokens pruned at a step contribute 0 to its action score. With the action
+    layer below K (the 4-layer testbed: K=2, action layer 1) the pruned tokens are still keys there and
+    get attention; the recorded row must still be 0 for them, and the eager attention for the kept ones."""
+    m = T.build(attn="eager", n_layers=4)
+    ids, pix = T.inputs(seed=5)
+    vprune.patch(m, vprune.VisualPruning(keep=0.5, layer=2, action_layer=1, warmup=0))
+    _, toks = _greedy(m, ids, pix, 2)
+    rt = _runtime(m)
+    act = (rt.action_sum / rt.action_rows).clone()
+    kept = rt.kept_visual[0].tolist()
+    assert rt.action_rows == 3
+    vprune.unpatch(m)
+    n = act.shape[1]
+    pruned = [j for j in range(n) if j not in kept]
+    assert pruned and torch.all(act[0, pruned] == 0)
+    patches = m.projector(m.vision_backbone(pix))
+    emb = m.get_input_embeddings()(torch.cat([ids] + toks, dim=1))
+    mm = torch.cat([emb[:, :1], patches, emb[:, 1:]], dim=1)
+    length = ids.shape[1] + n
+    att = m.language_model(inputs_embeds=mm, output_attentions=True).attentions[1]  # layer 1 < K: unpruned
+    want = att[0, :, length - 1:length + 2, 1:1 + n].mean(0).mean(0)
+    torch.testing.assert_close(act[0, kept], want[kept], atol=1e-6, rtol=1e-5)
+    assert want[pruned].sum() > 0  # the pruned tokens did get attention there
+
 # ------------------------------------------------------------------------ the trained testbed
 def test_trained_testbed_policy_if_shipped():
     testbed = pytest.importorskip("vprune.testbed")
