@@ -31,7 +31,7 @@ def main() -> None:
         vprune.patch(policy, keep=args.keep)   # <- the one added line (dual-level pruning for VLAs)
 
     env = PickEnv()
-    successes, latencies = [], []
+    successes, latencies, own_ms = [], [], []
     for episode in range(args.episodes):
         obs = env.reset(seed=episode)
         if vprune.is_patched(policy):
@@ -44,6 +44,8 @@ def main() -> None:
             with torch.inference_mode():
                 action = policy.predict_action(**inputs, unnorm_key="pick2d", do_sample=False)
             latencies.append(time.perf_counter() - t0)
+            if vprune.is_patched(policy):       # vprune's own host time in that step (scoring, selection, ...)
+                own_ms.append(vprune.stats(policy)["overhead_ms"]["total"])
             obs, reward, done, info = env.step(action)
         successes.append(info["success"])
         print(f"episode {episode}: {'success' if info['success'] else 'failure'} in {info['steps']} steps "
@@ -56,7 +58,8 @@ def main() -> None:
         st = vprune.stats(policy)
         row = (st.get("per_sample") or [{}])[0]
         print(f"last step kept {row.get('visual_after')} of {row.get('visual_before')} visual tokens "
-              f"from layer {st.get('layer')}")
+              f"from layer {st.get('layer')}; vprune's own time {np.mean(own_ms):.2f} ms per step "
+              f"(warm-up steps included)")
 
 
 if __name__ == "__main__":

@@ -324,6 +324,8 @@ def _zero_unkept(total: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     pruned at a step contribute 0". Needed when the action layer is below K: the pruned tokens are
     still keys there and get attention. Applied once to the step's sum of rows (the same numbers as
     zeroing each row: kept columns add up in the same order, pruned ones are 0 either way)."""
+    if isinstance(kept, tuple):  # (kept, complement) of one row, from the host selection: one op
+        return total.index_fill(1, kept[1], 0.0)
     full = torch.zeros_like(total)
     full.scatter_(1, kept, total.gather(1, kept))
     return full
@@ -359,6 +361,7 @@ class _Runtime:
     mm_mask: Optional[torch.Tensor] = None        # [B, L] bool, real (non-pad) tokens
     semantic: Optional[torch.Tensor] = None       # [B, N]
     kept_visual: Optional[torch.Tensor] = None    # [B, M] ascending, None when unpruned
+    unkept: Optional[torch.Tensor] = None         # [N - M] the pruned visual tokens (batch 1, host path)
     keep_seq: Optional[torch.Tensor] = None       # [B, L'] kept positions of the prefill sequence
     scored_sum: Optional[torch.Tensor] = None     # [B, N] sum of the action rows scored so far
     action_rows: int = 0                          # action rows this control step (scored or pending)
@@ -407,7 +410,9 @@ class _Runtime:
     def _unkept(self) -> Optional[torch.Tensor]:
         """The kept indices whose complement must be zeroed in this step's action score (a pruned step
         whose action layer is below K), else None."""
-        return self.kept_visual if self.kept_visual is not None and self.action_layer < self.layer else None
+        if self.kept_visual is None or self.action_layer >= self.layer:
+            return None
+        return self.kept_visual if self.unkept is None else (self.kept_visual, self.unkept)
 
     def clear_step(self) -> None:
         self.t_scoring = self.t_selection = self.t_other = 0.0
@@ -423,6 +428,7 @@ class _Runtime:
         self.mm_mask = None
         self.semantic = None
         self.kept_visual = None
+        self.unkept = None
         self.keep_seq = None
         self.scored_sum = None
         self.pending = []
@@ -949,6 +955,7 @@ class OpenVLAIntegration(Integration):
         warm = any(rt.warm)
         m_total = sum(budgets)
         rt.kept_visual = None
+        rt.unkept = None
         rt.keep_seq = None
         if not warm and m_total < n:
             semantic = rt.semantic
@@ -967,6 +974,9 @@ class OpenVLAIntegration(Integration):
                 head, tail = _seq_parts(b, n, rt.seq_len)
                 rt.kept_visual = torch.from_numpy(host)
                 rt.keep_seq = torch.from_numpy(np.concatenate((head, host + VISUAL_START, tail), axis=1))
+                if b == 1 and rt.action_layer < rt.layer:  # the pruned ones, for the action score's zeros
+                    kept_set = set(host[0].tolist())
+                    rt.unkept = torch.tensor([i for i in range(n) if i not in kept_set], dtype=torch.int64)
             else:
                 picks = []
                 for i, m in enumerate(budgets):
