@@ -42,9 +42,9 @@ One control step (one ``predict_action`` / ``generate`` call) runs like this:
 CPU fast paths (``_FAST_PATHS``; the same numbers as the general code, checked bit for bit by
 tests/test_openvla.py): without padding the scoring rows are plain slices and need no row mask; when
 the action layer is K-1 the semantic row is also the first action row and is scored once; a decode
-step only keeps what its row's score needs (the layer's input row, its RoPE row, the keys the cache
-holds then), and the rows are scored at the next step's semantic scoring, right before the history
-update and the selection; ``dual`` selection runs in NumPy / Python. On the testbed CPU each small
+step on the CPU only keeps what its row's score needs (the layer's input row, its RoPE row, the keys
+the cache holds then: a DynamicCache appends new tensors), and the rows are scored at the next step's
+semantic scoring, right before the history update and the selection; ``dual`` selection runs in NumPy / Python. On the testbed CPU each small
 torch op costs 15-60 us inside a policy step, so these cut vprune's own time per step from ~5 ms to
 ~1.7 ms (``vprune eval vla``). ``vprune.stats(model)["overhead_ms"]`` gives the last control step's
 host time in vprune's code by part (scoring, selection, other).
@@ -1067,7 +1067,7 @@ class OpenVLAIntegration(Integration):
                 hidden = kwargs["hidden_states"] if not args else args[0]
                 k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
                 mask = kwargs.get("attention_mask")
-                if k is not None and hidden.shape[1] == 1 and mask is None:
+                if k is not None and hidden.shape[1] == 1 and mask is None and k.device.type == "cpu":
                     geometry = geometry_of.get(id(module))
                     if geometry is None:
                         geometry = geometry_of[id(module)] = _compat.attention_geometry(module)
@@ -1119,7 +1119,9 @@ class OpenVLAIntegration(Integration):
                     geometry = geometry_of[id(module)] = _compat.attention_geometry(module)
                 cos, sin = _compat.rope_cos_sin(module, hidden, kwargs)
                 k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
-                if k is None or not _FAST_PATHS:  # no cache object to read later: score now
+                # score now without a cache object to read later, off the CPU (a CUDA graph replay
+                # would overwrite the kept tensors) and on the general paths
+                if k is None or not _FAST_PATHS or k.device.type != "cpu":
                     q, k, scale = self._query_keys(module, layer_idx, args, kwargs, None)
                     rec = None
                 else:
