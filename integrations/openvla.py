@@ -173,6 +173,16 @@ def _gather_decode_mask(mask: torch.Tensor, keep: torch.Tensor, length: int) -> 
     return _gather_seq(mask, idx, 1)
 
 
+def _row_allowed(mask_rows: torch.Tensor) -> Optional[torch.Tensor]:
+    """``_bool_allowed`` of a host mask's scoring rows, or None on the CPU when they allow every key
+    (transformers 4.40 passes a 4-D mask even without padding): the masked softmax then gives the same
+    numbers as the plain one, which skips four small ops (the check is one)."""
+    allowed = _bool_allowed(mask_rows)
+    if allowed.device.type == "cpu" and _FAST_PATHS and bool(allowed.all()):
+        return None
+    return allowed
+
+
 def _bool_allowed(mask: torch.Tensor) -> torch.Tensor:
     """A mask (bool True = attend, or additive float 0 / large negative) as bool allowed."""
     if mask.dtype == torch.bool:
@@ -303,7 +313,7 @@ def _score_decode_row(rec: Tuple[Any, ...]) -> torch.Tensor:
     ``attention_row_scores`` on the same tensors (the KV cache appends new tensors, so the kept keys
     are the keys of that step)."""
     attn, geometry, h_row, cos_r, sin_r, k, mask_row, kept, n = rec
-    allowed = None if mask_row is None else _bool_allowed(mask_row)
+    allowed = None if mask_row is None else _row_allowed(mask_row)
     probs = _row_scores(attn, geometry, h_row, cos_r, sin_r, k, allowed)  # [B, T]
     return _visual_scores(probs, kept, n)
 
@@ -871,7 +881,7 @@ class OpenVLAIntegration(Integration):
             m = mask[..., :key_len]
             if m.shape[2] != 1:
                 m = m[:, :, rows]
-            return _bool_allowed(m)
+            return _row_allowed(m)
         start, stop = rows.start, rows.stop
         if start == stop - 1 == key_len - 1:
             return None
