@@ -54,7 +54,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from .vlm import (TIMING_METHOD, checks_line, default_dtype_device, device_ms, device_time, device_time_available,
-                  hook_count, interleaved, memory_allocated, run_and_report, shared_clone, staged_prefill, summarize)
+                  header, hook_count, interleaved, memory_allocated, run_and_report, shared_clone, staged_prefill, summarize)
 
 DEFAULT_OUT = "results/bench_vla.json"
 
@@ -376,8 +376,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_and_report(
-        args, run_policy,
-        lambda r: (f"{r['model']}, {r['dtype']}, {r['card']}, K={r['layer']}, strategy {r['strategy']}, "
-                   f"torch {r['versions']['torch']}, transformers {r['versions']['transformers']}, {r['seconds']} s"),
-        table, DEFAULT_OUT)
+    return run_and_report(args, run_policy, header, table, DEFAULT_OUT)

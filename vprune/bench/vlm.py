@@ -751,9 +751,11 @@ def run_and_report(args: argparse.Namespace, bench, header, table_fn, default_ou
     return 0
 
 
+def header(r: Dict[str, Any]) -> str:
+    """The one-line description printed above a bench's table (model, card, K, versions, time)."""
+    return (f"{r['model']}, {r['dtype']}, {r['card']}, K={r['layer']}, strategy {r['strategy']}, "
+            f"torch {r['versions']['torch']}, transformers {r['versions']['transformers']}, {r['seconds']} s")
+
+
 def run(args: argparse.Namespace) -> int:
-    return run_and_report(
-        args, run_llava,
-        lambda r: (f"{r['model']}, {r['dtype']}, {r['card']}, K={r['layer']}, strategy {r['strategy']}, "
-                   f"torch {r['versions']['torch']}, transformers {r['versions']['transformers']}, {r['seconds']} s"),
-        table, DEFAULT_OUT)
+    return run_and_report(args, run_llava, header, table, DEFAULT_OUT)

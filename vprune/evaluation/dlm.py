@@ -36,7 +36,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -74,25 +74,25 @@ PRESETS = {
 }
 
 
+def _suffix(s: str, sep: str, convert: Callable[[str], Any], spec: str, what: str, kind: str,
+            last: bool) -> Tuple[str, Any]:
+    """Split ``s`` at its last (``last``) or first ``sep``: (head, converted tail), or (s, None)."""
+    if sep not in s:
+        return s, None
+    head, _, tail = s.rpartition(sep) if last else s.partition(sep)
+    try:
+        return head, convert(tail)
+    except ValueError:
+        raise ValueError(f"setting {spec!r}: {what} {tail!r} is not {kind}") from None
+
+
 def parse_setting(spec: str, gen_length: int) -> Setting:
     """``vanilla`` | ``A/W/R`` (W may be ``all``), then optionally ``@threshold`` and ``:block_length``."""
     s = spec.strip()
     if not s:
         raise ValueError("empty setting in --settings")
-    block = None
-    if ":" in s:
-        s, b = s.rsplit(":", 1)
-        try:
-            block = int(b)
-        except ValueError:
-            raise ValueError(f"setting {spec!r}: block length {b!r} is not an int") from None
-    thr = None
-    if "@" in s:
-        s, t = s.split("@", 1)
-        try:
-            thr = float(t)
-        except ValueError:
-            raise ValueError(f"setting {spec!r}: threshold {t!r} is not a number") from None
+    s, block = _suffix(s, ":", int, spec, "block length", "an int", last=True)
+    s, thr = _suffix(s, "@", float, spec, "threshold", "a number", last=False)
     if s in ("vanilla", "v"):
         if thr is not None and not 0.0 < thr <= 1.0:
             raise ValueError(f"setting {spec!r}: threshold={thr} is invalid: allowed a number in (0, 1]")
