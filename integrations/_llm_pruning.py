@@ -229,10 +229,6 @@ class CallScratch:
 DEFERRED_NAN_CHECK_DEVICES = ("cuda",)
 
 
-def plan_batch(call: CallScratch) -> int:
-    return int(call.plan.visual.shape[0])
-
-
 def _link_of(module: Any) -> Optional[Tuple["LLMPruner", int]]:
     return module.__dict__.get(ATTR_LINK) if hasattr(module, "__dict__") else None
 
@@ -566,10 +562,11 @@ class LLMPruner:
         scores = kwargs.get("scores")
         if (self.strategy in ("fastv", "semantic") and scores is not None
                 and scores.device.type in DEFERRED_NAN_CHECK_DEVICES):
+            nan = torch.isnan(scores)
             if not selection._in_traced_region():
-                rows = torch.zeros(plan_batch(call), device=scores.device)  # a row may hold several images
-                call.nan_rows.append(rows.index_add(0, bucket.rows, torch.isnan(scores).any(dim=-1).float()) > 0)
-            clean = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
+                rows = torch.zeros(call.plan.batch, device=scores.device)  # a row may hold several images
+                call.nan_rows.append(rows.index_add(0, bucket.rows, nan.any(dim=-1).float()) > 0)
+            clean = torch.where(nan, torch.full_like(scores, float("-inf")), scores)
             return select_topk(clean, bucket.k)
         return selection.select_tokens(self.strategy, bucket.k, **kwargs)
 

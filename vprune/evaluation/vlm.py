@@ -152,7 +152,7 @@ def evaluate_grid(keeps: Sequence[float], strategies: Sequence[str], n: int, see
     from vprune.testbed.vqa import chance, make_dataset, text_prior
 
     model, tok = load(weights_dir, device)
-    depth, _ = model_depth_and_k(weights_dir)
+    depth = model.config.text_config.num_hidden_layers
     samples = make_dataset(n, seed=TEST_SEED + seed)
     t0 = time.time()
     base_preds = V.answer(model, tok, samples, batch_size)

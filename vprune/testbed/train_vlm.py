@@ -30,6 +30,7 @@ seed). Bit-for-bit reproducibility holds for the same torch build, device and th
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -118,7 +119,7 @@ def batches(stream_seed: int, steps: int, batch: int, image_size: int, patch: in
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> Dict[str, Any]:
     """The testbed schema (``V.DEFAULT_CONFIG``) with the size options applied."""
-    cfg = json.loads(json.dumps(V.DEFAULT_CONFIG))
+    cfg = copy.deepcopy(V.DEFAULT_CONFIG)
     t, v = cfg["text"], cfg["vision"]
     if args.hidden:
         t["hidden_size"], t["intermediate_size"] = args.hidden, 2 * args.hidden
