@@ -17,7 +17,8 @@ def test_bad_keep_names_field_value_and_range(keep):
 
 @pytest.mark.parametrize("field,value", [("layer", 0), ("layer", -2), ("strategy", "fastest"),
                                          ("history", 0), ("decay", 0.0), ("decay", 1.5),
-                                         ("semantic", "mean"), ("warmup", -1), ("seed", -1)])
+                                         ("semantic", "mean"), ("warmup", -1), ("seed", -1),
+                                         ("cuda_graph", 1), ("cuda_graph", "yes"), ("cuda_graph", None)])
 def test_bad_fields(field, value):
     with pytest.raises(ValueError, match=f"VisualPruning.{field}="):
         vprune.VisualPruning(**{field: value})
@@ -33,6 +34,7 @@ def test_budget_fraction_and_count_are_clamped():
 
 
 @pytest.mark.parametrize("cfg", [vprune.VisualPruning(keep=64, layer=3, strategy="dual"),
+                                 vprune.VisualPruning(keep=64, layer=2, cuda_graph=True),
                                  vprune.WindowDiffusion(), vprune.NATCache()])
 def test_round_trip_through_json(cfg):
     data = json.loads(json.dumps(cfg.to_dict()))
@@ -58,3 +60,9 @@ def test_replace_validates_and_rejects_unknown_fields():
 def test_configs_compare_by_value():
     assert vprune.VisualPruning(keep=0.5) == vprune.VisualPruning(keep=0.5)
     assert vprune.VisualPruning(keep=0.5) != vprune.VisualPruning(keep=0.25)
+
+
+def test_visual_pruning_cuda_graph_defaults_off_and_compares_by_value():
+    assert vprune.VisualPruning().cuda_graph is False
+    assert vprune.VisualPruning(cuda_graph=True) != vprune.VisualPruning()
+    assert vprune.VisualPruning(cuda_graph=True).to_dict()["cuda_graph"] is True

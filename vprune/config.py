@@ -114,6 +114,12 @@ class VisualPruning(TechniqueConfig):
         steps, newest weighted 1, older by ``decay`` ** age.
     warmup: unpruned control steps at the start of each episode (None: ``history``).
     seed: seed of the "random" strategy.
+    cuda_graph: run the pruned part of each prefill (decoder layers ``layer``..N-1 over the kept
+        tokens) as a captured CUDA graph, one per (batch, kept length, dtype, mask, cache use, ...),
+        captured on first use and replayed afterwards (LLaVA and Qwen2-VL; a prefill of a few hundred
+        kept tokens is launch-bound in eager mode). Needs the model on CUDA: a prefill with CPU inputs
+        raises. Decode steps stay eager. Each graph holds its own copy of the pruned layers' K/V for
+        one prefill (see ``integrations._llm_pruning``).
     """
 
     technique: ClassVar[str] = "visual_pruning"
@@ -127,6 +133,7 @@ class VisualPruning(TechniqueConfig):
     decay: float = 0.8
     warmup: Optional[int] = None
     seed: int = 0
+    cuda_graph: bool = False
 
     def validate(self) -> None:
         name = type(self).__name__
@@ -145,6 +152,8 @@ class VisualPruning(TechniqueConfig):
         _check_float(name, "decay", self.decay, 0.0, 1.0, lo_open=True)
         _check_int(name, "warmup", self.warmup, 0, optional=True)
         _check_int(name, "seed", self.seed, 0)
+        if not isinstance(self.cuda_graph, bool):
+            _fail(name, "cuda_graph", self.cuda_graph, "True or False")
 
     def budget(self, n_tokens: int) -> int:
         """Tokens kept out of an image of ``n_tokens`` visual tokens (at least 1, at most all)."""
