@@ -123,3 +123,43 @@ def test_config_errors_name_field_value_and_range(kwargs, field):
 def test_config_roundtrip():
     c = vprune.NATCache(mode="reuse", refresh=3, cuda_graphs=True)
     assert vprune.TechniqueConfig.from_dict(c.to_dict()) == c
+
+
+def test_row_caches_follow_the_computed_rows():
+    """full_map / token_sumsq / merge_rows / set_confidence (TokenIO path) against plain scatters."""
+    torch.manual_seed(0)
+    rt = nat.NATRuntime("reuse", refresh=100, n_layers=1)
+    b, n, lab = 2, 16, [torch.tensor([1, 2])]
+    x, y, z, c = torch.randn(b, 3, 4, 4), torch.randn(b, n, 5), torch.randn(b, 7, 4, 4), torch.rand(b, n)
+    rt.begin(torch.ones(b, n, dtype=torch.bool), lab)
+    assert rt.build(torch.ones(b, n, dtype=torch.bool)).idx is None
+    assert rt.full_map("dw", x) is x and rt.merge_rows("out", z) is z
+    torch.testing.assert_close(rt.token_sumsq("grn", y), y.square().sum(1))
+    rt.set_confidence(c)
+    rt.end()
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    mask[:, :12] = True
+    assert rt.begin(mask, lab).kind == "subset"
+    idx = rt.build(mask).idx
+    k = idx.shape[1]
+    assert k == 8 and torch.equal(idx, idx.sort(1).values)
+    xr, yr, zr, cr = torch.randn(b, 3, k, 1), torch.randn(b, k, 5), torch.randn(b, 7, k, 1), torch.rand(b, k)
+
+    def put(full, rows, dim):    # full with its token rows idx replaced (tokens: dim 1, or dims 2.. flattened)
+        if dim == 1:
+            return full.scatter(1, idx[:, :, None].expand(-1, -1, full.shape[2]), rows)
+        f = full.flatten(2)
+        return f.scatter(2, idx[:, None, :].expand(-1, f.shape[1], -1), rows.flatten(2)).view(full.shape)
+
+    want_map = put(x, xr, 2)
+    got_map = rt.full_map("dw", xr)
+    assert torch.equal(got_map, want_map)
+    assert torch.equal(rt.rows_of(got_map), xr.flatten(2))
+    torch.testing.assert_close(rt.token_sumsq("grn", yr), put(y, yr, 1).square().sum(1))
+    merged = rt.merge_rows("out", zr)
+    assert torch.equal(merged, put(z, zr, 2))
+    merged.zero_()                                     # the caller gets a copy
+    assert torch.equal(rt.merge_rows("out", zr), put(z, zr, 2))
+    rt.set_confidence(cr)
+    assert torch.equal(rt.host.stream.conf, c.scatter(1, idx, cr))
+    rt.end()

@@ -34,7 +34,7 @@ Modes (``NATCache.mode``):
     Full steps every ``refresh`` steps; in between, cheap steps compute only the newly revealed
     tokens plus as many mask tokens as were just revealed, chosen by the confidence of the last
     output (the tokens most likely to be revealed next); every other token's keys/values and block
-    output come from the cache.
+    output (or, with a ``TokenIO``, its intermediate values and output) come from the cache.
 
 Static shapes: the number of computed tokens ``k`` of a step is decided on the host from the mask
 counts (one small device->host copy per step, of the per-row mask counts and a conditioning
@@ -43,11 +43,18 @@ padded to ``k`` per row (with settled tokens), so every step of a given ``k`` ha
 can be replayed from a captured CUDA graph (``NATCache(cuda_graphs=True)``). Steps whose ``k``
 would reach ``N`` run as full steps.
 
-Cost model (aMUSEd-256, 12 cosine steps): the 22 hooked layers are ~85% of a step's FLOPs (the
-conv/attention down- and up-blocks and the MLM head run on all tokens). Mode cache computes ~76% of
-the token-layers with one full step (refresh >= 12), so its ceiling is ~1.25-1.3x; reuse with
-refresh 4 computes ~38% (ceiling ~2.1x); the rest of the gap is launch overhead, which CUDA graphs
-remove.
+Whole-forward rows: an integration may pass a :class:`TokenIO` to :func:`install`; then on subset
+steps the host's whole forward runs on the ``k`` computed rows (its input cut to them, its output
+merged back over a cached one with :meth:`NATRuntime.merge_rows`), and token-mixing ops read full
+maps in which the non-computed tokens hold their values from when they were last computed
+(:meth:`NATRuntime.full_map` for convolutions, :meth:`NATRuntime.token_sumsq` for global
+per-channel statistics). Without it only the hooked blocks are shortened.
+
+Cost model (aMUSEd-256, 12 cosine steps; ``vprune.bench.nat.token_macs``): the 22 layers are ~87%
+of the per-token MACs. With the whole forward on rows (aMUSEd modes cache/reuse) the work computed
+equals the token fraction: cache with refresh >= 12 computes ~76% (FLOP ceiling ~1.3x), refresh 4
+~80%; reuse with refresh 4 ~38% (ceiling ~2.6x), refresh 3 ~45%; the rest of the gap is launch
+overhead, which CUDA graphs remove, and the sampler's own per-step work.
 
 Streams: the state of one generation (previous mask, reveal order, caches) is a *stream*. A call is
 matched to a stream by batch shape and a fingerprint of its conditioning inputs (class labels,
@@ -205,6 +212,21 @@ class DevicePlan:
     is_mask: torch.Tensor
 
 
+@dataclass
+class TokenIO:
+    """How an integration runs a whole forward on the rows computed this step (modes cache/reuse).
+
+    gather(model, idx, args, kwargs) -> (args, kwargs): the forward's inputs cut to the rows
+        ``idx`` ``[B, k]``; the host forward then runs unchanged on them, its token-mixing modules
+        reading full maps through :meth:`NATRuntime.full_map` / :meth:`NATRuntime.token_sumsq`.
+    merge(model, runtime, out) -> out: the output of all ``N`` tokens again, usually
+        :meth:`NATRuntime.merge_rows` (computed rows fresh, the rest as last computed).
+    """
+
+    gather: Callable[[Any, torch.Tensor, tuple, dict], Tuple[tuple, dict]]
+    merge: Callable[[Any, "NATRuntime", Any], Any]
+
+
 class NATRuntime:
     """Per-model NAT state: streams, the current call's plan, counters for ``vprune.stats``."""
 
@@ -222,6 +244,7 @@ class NATRuntime:
         self.history: List[Dict[str, Any]] = []   # host-side: kind/k/n per call (bounded)
         self.tokens_computed = 0
         self.tokens_total = 0
+        self.io: Optional[TokenIO] = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def reset(self) -> None:
@@ -412,9 +435,84 @@ class NATRuntime:
         return s.extra[key]
 
     def set_confidence(self, conf: torch.Tensor) -> None:
-        """Record the last output's per-token confidence ``[B, N]`` (used by mode reuse)."""
-        if self.active and self.mode == "reuse":
-            self.host.stream.conf.copy_(conf.detach().float())
+        """Record the last output's per-token confidence (used by mode reuse): ``[B, N]``, or
+        ``[B, k]`` for the rows computed this step (the others keep their last confidence)."""
+        if not (self.active and self.mode == "reuse"):
+            return
+        s = self.host.stream
+        conf = conf.detach().float()
+        if conf.shape[1] == s.conf.shape[1]:
+            s.conf.copy_(conf)
+        else:
+            s.conf.scatter_(1, self.dev.idx, conf)
+
+    # -- row caches of a forward cut to the computed rows (TokenIO) ----------------------------
+    def full_map(self, key: Any, x: torch.Tensor) -> torch.Tensor:
+        """Input of a token-mixing op (e.g. a depthwise convolution), channels first.
+
+        Full steps: ``x`` is the whole map ``[B, C, *grid]``; it is recorded and returned. Subset
+        steps: ``x`` holds the computed rows ``[B, C, k, ...]``; they are written into the recorded
+        map, which is returned (``[B, C, *grid]``: fresh computed rows, the others as last computed).
+        """
+        if not self.active:
+            return x
+        s = self.host.stream
+        idx = self.dev.idx
+        if idx is None:
+            _store(s.extra, key, x)
+            return x
+        cache = _need(s.extra, key)
+        b, c = cache.shape[:2]
+        cache.view(b, c, -1).scatter_(2, idx[:, None, :].expand(b, c, -1), x.detach().reshape(b, c, -1))
+        return cache
+
+    def rows_of(self, y: torch.Tensor) -> torch.Tensor:
+        """``[B, C, *grid]`` -> the computed rows ``[B, C, k]`` (all ``N`` on full steps)."""
+        b, c = y.shape[:2]
+        flat = y.reshape(b, c, -1)
+        if not self.active or self.dev.idx is None:
+            return flat
+        return flat.gather(2, self.dev.idx[:, None, :].expand(b, c, -1))
+
+    def token_sumsq(self, key: Any, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel sum of squares over all ``N`` tokens, ``[B, C]`` float32.
+
+        x: ``[B, N, C]`` on full steps (recorded, the sum computed afresh) or the computed rows
+        ``[B, k, C]`` on subset steps: the sum is updated by the rows' change since they were last
+        computed, so non-computed tokens count with their cached values (the cached ``[B, N, C]``
+        rows are kept in ``x``'s dtype).
+        """
+        s = self.host.stream
+        idx = self.dev.idx
+        if idx is None:
+            _store(s.extra, (key, "rows"), x)
+            return _store(s.extra, (key, "sumsq"), x.detach().float().square().sum(1))
+        rows, total = _need(s.extra, (key, "rows")), _need(s.extra, (key, "sumsq"))
+        ix = idx[:, :, None].expand(-1, -1, rows.shape[-1])
+        x = x.detach()
+        total.add_((x.float().square() - rows.gather(1, ix).float().square()).sum(1))
+        rows.scatter_(1, ix, x)
+        return total
+
+    def merge_rows(self, key: Any, y: torch.Tensor) -> torch.Tensor:
+        """Output ``[B, C, *grid]`` of all tokens from this step's rows (subset steps: ``[B, C, k, ...]``).
+
+        Full steps record ``y`` and return it; subset steps write the rows into the record and return
+        a copy of it (the record itself while a CUDA graph is being captured: the replay wrapper copies).
+        """
+        if not self.active:
+            return y
+        s = self.host.stream
+        idx = self.dev.idx
+        if idx is None:
+            _store(s.extra, key, y)
+            return y
+        cache = _need(s.extra, key)
+        b, c = cache.shape[:2]
+        cache.view(b, c, -1).scatter_(2, idx[:, None, :].expand(b, c, -1), y.detach().reshape(b, c, -1))
+        if cache.is_cuda and torch.cuda.is_current_stream_capturing():
+            return cache
+        return cache.clone()
 
     def end(self) -> None:
         self.dev = None
@@ -473,6 +571,9 @@ class NATRuntime:
             "streams": len(self.streams),
             "last_step": dict(last) if last else None,
             "tokens_computed_fraction": (self.tokens_computed / self.tokens_total) if self.tokens_total else None,
+            # what that fraction applies to: with a TokenIO every per-token module of the forward
+            # (token-mixing ops still read full maps), else only the hooked blocks
+            "tokens_computed_scope": "forward" if self.io is not None else "blocks",
             "graphs_captured": sum(len(s.graphs) for s in self.streams),
         }
 
@@ -519,7 +620,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torc
 def install(model: Any, state: Any, config: Any, *, blocks: Sequence[Any], tag: str,
             mask_fn: Callable[[Any, tuple, dict], torch.Tensor],
             cond_fn: Callable[[Any, tuple, dict], Sequence[torch.Tensor]],
-            conf_fn: Callable[[Any, Any], torch.Tensor]) -> NATRuntime:
+            conf_fn: Callable[[Any, Any], torch.Tensor], io: Optional[TokenIO] = None) -> NATRuntime:
     """Host-independent part of a NAT patch, every change recorded in ``state.undo``.
 
     blocks: the hooked transformer blocks, in order; they must map ``[B, N, C] -> [B, N, C]`` with
@@ -527,16 +628,20 @@ def install(model: Any, state: Any, config: Any, *, blocks: Sequence[Any], tag: 
         through ``runtime.attend`` (the integration does that part).
     mask_fn(model, args, kwargs) -> ``[B, N]`` bool, True where the forward's input is a mask token.
     cond_fn(model, args, kwargs) -> conditioning tensors (their fingerprint picks the stream).
-    conf_fn(model, output) -> ``[B, N]`` confidence of the output (mode reuse only).
+    conf_fn(model, output) -> ``[B, n]`` confidence of the output (mode reuse only; ``n = k`` when
+        ``io`` cut the forward to the computed rows).
+    io: None (only ``blocks`` are shortened) or a :class:`TokenIO`: on subset steps the whole
+        forward runs on the computed rows (``io.gather``) and ``io.merge`` restores all tokens.
 
     The model's class is swapped to a ``VPrune<Host>`` subclass whose ``forward`` plans the step,
-    runs the original forward (eagerly or from a captured CUDA graph) and records the confidence;
-    the first block gets a pre-hook that gathers the computed rows, the last a hook that scatters
-    them back over the output cache.
+    runs the original forward (eagerly or from a captured CUDA graph) and records the confidence.
+    Without ``io`` the first block gets a pre-hook that gathers the computed rows and the last a
+    hook that scatters them back over the output cache.
     """
     from .undo import vprune_subclass
 
     rt = NATRuntime(config.mode, config.refresh, len(blocks), cuda_graphs=config.cuda_graphs)
+    rt.io = io
     state.runtime = rt
     original = type(model)
     original_forward = original.forward
@@ -547,11 +652,16 @@ def install(model: Any, state: Any, config: Any, *, blocks: Sequence[Any], tag: 
         st.calls += 1
 
         def inner(*a: Any, **k: Any) -> Any:
-            runtime.prepare_in_forward(mask_fn(self, a, k), cond_fn(self, a, k))
+            dev = runtime.prepare_in_forward(mask_fn(self, a, k), cond_fn(self, a, k))
+            tio = runtime.io      # read from the runtime: the subclass (and this closure) is shared
             try:
+                if tio is not None and dev.idx is not None:
+                    a, k = tio.gather(self, dev.idx, a, k)
                 out = original_forward(self, *a, **k)
                 if runtime.mode == "reuse":
                     runtime.set_confidence(conf_fn(self, out))
+                if tio is not None:
+                    out = tio.merge(self, runtime, out)
             finally:
                 runtime.end()
             return out
@@ -568,8 +678,9 @@ def install(model: Any, state: Any, config: Any, *, blocks: Sequence[Any], tag: 
     def post(module: Any, args: tuple, output: Any) -> Any:
         return rt.scatter_output(output)
 
-    state.undo.add_hook(blocks[0].register_forward_pre_hook(pre))
-    state.undo.add_hook(blocks[-1].register_forward_hook(post))
+    if io is None:
+        state.undo.add_hook(blocks[0].register_forward_pre_hook(pre))
+        state.undo.add_hook(blocks[-1].register_forward_hook(post))
     state.undo.on_undo(rt.reset, "NAT runtime")
     return rt
 
@@ -605,6 +716,23 @@ def _copy_into(dst: Any, src: Any) -> None:
     elif isinstance(dst, dict):
         for k in dst:
             _copy_into(dst[k], src[k])
+
+
+def _store(extra: Dict[Any, Any], key: Any, value: torch.Tensor) -> torch.Tensor:
+    """Record ``value`` under ``key`` (in place when the layout matches: captured graphs keep
+    their addresses) and return the record."""
+    old = extra.get(key)
+    if old is not None and _same_layout(old, value):
+        old.copy_(value.detach())
+        return old
+    extra[key] = value.detach().clone(memory_format=torch.contiguous_format)
+    return extra[key]
+
+
+def _need(extra: Dict[Any, Any], key: Any) -> torch.Tensor:
+    if key not in extra:
+        raise RuntimeError(f"vprune NAT: no cache {key!r} (a subset step ran before any full step filled it)")
+    return extra[key]
 
 
 def _same_layout(a: Any, b: Any) -> bool:
