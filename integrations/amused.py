@@ -14,22 +14,41 @@ What is patched (all undone by ``vprune.unpatch``):
 * every ``transformer_layers[i].attn1.processor`` (self-attention) -> a processor that sends K/V
   through the NAT cache, with the same ops as ``AttnProcessor2_0`` (full steps are bit-identical);
 * every ``transformer_layers[i].attn2.processor`` (cross-attention to the text) -> a processor that
-  computes the text K/V once per generation (full steps) and reuses them on the other steps;
-* a pre-hook on ``transformer_layers[0]`` (gathers the rows computed this step) and a hook on
-  ``transformer_layers[-1]`` (scatters them back over the cached output of the stack).
+  computes the text K/V once per generation (full steps) and reuses them on the other steps.
 
-The convolutional/attention down- and up-blocks and the MLM head run on all 256 tokens every
-step (the 22 layers are ~85% of the FLOPs). The pipeline's ``__call__`` is untouched: CFG runs as
-one concatenated [uncond; cond] batch, i.e. per-row state of one stream.
+Modes "cache" and "reuse" run the whole forward on the ``k`` rows computed this step (cheap steps;
+full steps run everything as before, bit-identical, and record the caches below):
+
+* the forward gets ``input_ids`` cut to those rows as a ``[B, k, 1]`` "image", so the embedding,
+  the ConvNeXt pointwise MLPs, the down/up block attentions, the projections, the 22 layers and the
+  MLM head all compute ``k`` rows; its logits ``[B, V, k, 1]`` are written into the logits of the
+  last full step (cached per stream), and the caller gets ``[B, V, H, W]``. The other rows' logits
+  are stale; ``AmusedScheduler.step`` reads only still-masked tokens' logits, and mode cache
+  computes every one of those (reuse computes the likeliest next ones);
+* each ConvNeXt ``depthwise`` conv: a pre-hook writes the rows into a cached full input map
+  ``[B, C, H, W]`` (the other tokens as last computed) and convolves that; a hook passes on only the
+  computed rows;
+* each ConvNeXt ``channelwise_norm`` (``GlobalResponseNorm``): its ``forward`` is set on the
+  instance to :class:`RowGRN`, whose per-channel L2 norm over all tokens comes from a running sum of
+  squares (the other tokens' cached inputs);
+* the down/up ``attention_blocks``' ``attn1``/``attn2`` (both cross-attend to the text: no token
+  mixing) get the text-K/V-once processor too.
+
+Mode "disentangle" shortens only the 22 layers: a pre-hook on ``transformer_layers[0]`` gathers
+the computed rows, a hook on ``transformer_layers[-1]`` scatters them back over the cached output
+of the stack; the down/up blocks and the head run on all tokens. The pipeline's ``__call__`` is
+untouched: CFG runs as one concatenated [uncond; cond] batch, i.e. per-row state of one stream.
 
 Limitations: ``downsample``/``upsample`` variants (aMUSEd-512) are refused (stack tokens would not
 match ``input_ids`` one to one); only the default ``AttnProcessor2_0`` is supported (others: clear
-error); mode "disentangle" is exact (cached == uncached) only with ``num_res_blocks=0``, because the
-down-block's depthwise convolution and attention mix neighbouring tokens into the stack's input.
+error); modes cache/reuse keep, per stream, each ConvNeXt block's GRN input rows ``[B, N, 4C]`` and
+depthwise input map plus the logits ``[B, V, H, W]`` (aMUSEd-256, B=32 fp16: ~0.5 GB besides the
+stack's K/V); mode "disentangle" is exact (cached == uncached) only with ``num_res_blocks=0``,
+because the down-block's depthwise convolution and GRN statistic mix tokens into the stack's input.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -74,11 +93,12 @@ class NATSelfAttnProcessor:
 
 
 class NATCrossAttnProcessor:
-    """``AttnProcessor2_0`` for the text cross-attention, text K/V computed once per generation."""
+    """``AttnProcessor2_0`` for a cross-attention to the text, text K/V computed once per generation
+    (on full steps) under ``key``; the queries are whatever rows the step computes."""
 
-    def __init__(self, runtime: Any, layer: int, original: Any) -> None:
+    def __init__(self, runtime: Any, key: Any, original: Any) -> None:
         self.runtime = runtime
-        self.layer = layer
+        self.key = key
         self.original = original
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
@@ -103,7 +123,7 @@ class NATCrossAttnProcessor:
                 key = attn.norm_k(key)
             return key, value
 
-        key, value = self.runtime.cached(("text_kv", self.layer), text_kv)
+        key, value = self.runtime.cached(("text_kv", self.key), text_kv)
         head_dim = key.shape[-1]
         query = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)
         if attn.norm_q is not None:
@@ -121,6 +141,81 @@ def _input_ids(args: tuple, kwargs: dict) -> torch.Tensor:
 
 def _kw(args: tuple, kwargs: dict, name: str, pos: int) -> Any:
     return kwargs[name] if name in kwargs else (args[pos] if len(args) > pos else None)
+
+
+# ----------------------------------------------------------------------------- whole forward on rows
+
+class RowGRN:
+    """``GlobalResponseNorm.forward`` (set on the instance) whose per-channel L2 statistic covers
+    all ``N`` tokens on subset steps: the computed rows fresh, the others as last computed.
+
+    Input ``[B, n, w, C]`` channels last (``n * w`` tokens). Full steps run the module's own forward
+    (bit-identical) and record the rows.
+    """
+
+    def __init__(self, runtime: Any, module: Any, key: Any) -> None:
+        self.runtime = runtime
+        self.module = module
+        self.key = key
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rt, m = self.runtime, self.module
+        if not rt.active:
+            return type(m).forward(m, x)
+        total = rt.token_sumsq(self.key, x.reshape(x.shape[0], -1, x.shape[-1]))    # [B, C] float32
+        if rt.dev.idx is None:
+            return type(m).forward(m, x)
+        gx = total.clamp_min(0).sqrt().to(x.dtype)[:, None, None, :]
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return m.gamma * (x * nx) + m.beta + x
+
+
+def _hook_depthwise(state: Any, rt: Any, conv: Any, key: Any) -> None:
+    """Subset steps: the depthwise conv reads the full cached map with this step's rows written in
+    (``[B, C, k, 1]`` -> ``[B, C, H, W]``) and passes on only the computed rows (-> ``[B, C, k, 1]``)."""
+
+    def pre(module: Any, args: tuple) -> Optional[tuple]:
+        return (rt.full_map(key, args[0]),) + tuple(args[1:]) if rt.active else None
+
+    def post(module: Any, args: tuple, out: torch.Tensor) -> Optional[torch.Tensor]:
+        return rt.rows_of(out)[..., None] if rt.active and rt.dev.idx is not None else None
+
+    state.undo.add_hook(conv.register_forward_pre_hook(pre))
+    state.undo.add_hook(conv.register_forward_hook(post))
+
+
+def _gather_ids(model: Any, idx: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
+    """``input_ids`` ``[B, H, W]`` -> the computed rows as a ``[B, k, 1]`` "image": every module of
+    ``UVit2DModel.forward`` then runs on ``k`` tokens."""
+    ids = _input_ids(args, kwargs)
+    rows = ids.reshape(ids.shape[0], -1).gather(1, idx)[:, :, None]
+    if args:
+        return (rows,) + tuple(args[1:]), kwargs
+    return args, dict(kwargs, input_ids=rows)
+
+
+def _merge_logits(model: Any, rt: Any, logits: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, V, k, 1]`` of the computed rows -> ``[B, V, H, W]`` over the cached logits."""
+    return rt.merge_rows("logits", logits)
+
+
+def _uvit_blocks(model: Any) -> List[Tuple[str, Any]]:
+    return [("down_block", model.down_block), ("up_block", model.up_block)]
+
+
+def _check_attention(attn: Any, where: str) -> None:
+    if attn is None:
+        raise IncompatibleModelError(f"{where} is missing")
+    proc = type(getattr(attn, "processor", None)).__name__
+    if proc not in _SUPPORTED_PROCESSORS:
+        raise IncompatibleModelError(
+            f"{where} uses attention processor {proc}: NATCache supports {list(_SUPPORTED_PROCESSORS)} "
+            "(call model.set_attn_processor(AttnProcessor2_0()) first)")
+    bad = [a for a in ("spatial_norm", "group_norm") if getattr(attn, a, None) is not None]
+    if getattr(attn, "residual_connection", False):
+        bad.append("residual_connection")
+    if bad:
+        raise IncompatibleModelError(f"{where} uses unsupported {bad}")
 
 
 class AmusedIntegration(Integration):
@@ -145,23 +240,30 @@ class AmusedIntegration(Integration):
             raise IncompatibleModelError("UVit2DModel.config has no int codebook_size")
         for i, blk in enumerate(layers):
             for name in ("attn1", "attn2"):
-                attn = getattr(blk, name, None)
-                if attn is None:
-                    raise IncompatibleModelError(f"transformer_layers[{i}] has no {name}")
-                proc = type(getattr(attn, "processor", None)).__name__
-                if proc not in _SUPPORTED_PROCESSORS:
-                    raise IncompatibleModelError(
-                        f"transformer_layers[{i}].{name} uses attention processor {proc}: NATCache "
-                        f"supports {list(_SUPPORTED_PROCESSORS)} (call model.set_attn_processor("
-                        "AttnProcessor2_0()) first)")
-                bad = [a for a in ("spatial_norm", "group_norm") if getattr(attn, a, None) is not None]
-                if getattr(attn, "residual_connection", False):
-                    bad.append("residual_connection")
-                if bad:
-                    raise IncompatibleModelError(f"transformer_layers[{i}].{name} uses unsupported {bad}")
+                _check_attention(getattr(blk, name, None), f"transformer_layers[{i}].{name}")
             if getattr(blk, "only_cross_attention", False) or getattr(blk, "pos_embed", None) is not None:
                 raise IncompatibleModelError(
                     f"transformer_layers[{i}] uses only_cross_attention/pos_embed, which NATCache does not support")
+
+    @staticmethod
+    def _check_blocks(model: Any) -> None:
+        """What modes cache/reuse need to run the down/up blocks on the computed rows."""
+        for where, ub in _uvit_blocks(model):
+            res, att = getattr(ub, "res_blocks", None), getattr(ub, "attention_blocks", None)
+            if res is None or att is None:
+                raise IncompatibleModelError(f"{where} has no res_blocks/attention_blocks (not a diffusers UVitBlock)")
+            for j, rb in enumerate(res):
+                conv, grn = getattr(rb, "depthwise", None), getattr(rb, "channelwise_norm", None)
+                if not isinstance(conv, torch.nn.Conv2d) or conv.stride != (1, 1) or \
+                        any(k != 2 * p + 1 for k, p in zip(conv.kernel_size, conv.padding)):
+                    raise IncompatibleModelError(
+                        f"{where}.res_blocks[{j}].depthwise is not a shape-preserving stride-1 Conv2d")
+                if not all(hasattr(grn, a) for a in ("gamma", "beta")):
+                    raise IncompatibleModelError(
+                        f"{where}.res_blocks[{j}].channelwise_norm is not a GlobalResponseNorm (gamma/beta)")
+            for j, ab in enumerate(att):
+                for name in ("attn1", "attn2"):
+                    _check_attention(getattr(ab, name, None), f"{where}.attention_blocks[{j}].{name}")
 
     def default_config(self, model: Any, **overrides: Any) -> TechniqueConfig:
         return NATCache(**overrides)
@@ -169,14 +271,33 @@ class AmusedIntegration(Integration):
     def apply(self, model: Any, config: TechniqueConfig, state: Any) -> None:
         from vprune import nat
 
+        rows = config.mode != "disentangle"
+        if rows:
+            self._check_blocks(model)
         layers = list(model.transformer_layers)
         rt = nat.install(model, state, config, blocks=layers, tag="amused",
-                         mask_fn=self._mask, cond_fn=self._cond, conf_fn=self._conf)
+                         mask_fn=self._mask, cond_fn=self._cond, conf_fn=self._conf,
+                         io=nat.TokenIO(gather=_gather_ids, merge=_merge_logits) if rows else None)
         for i, blk in enumerate(layers):
             state.undo.set_attr(blk.attn1, "processor", NATSelfAttnProcessor(rt, i))
             state.undo.set_attr(blk.attn2, "processor", NATCrossAttnProcessor(rt, i, blk.attn2.processor))
             state.targets.append(f"transformer_layers.{i}.attn1")
-        if config.mode == "disentangle" and getattr(model.config, "num_res_blocks", 0) > 0:
+        if rows:
+            state.targets.append("embed")
+            for where, ub in _uvit_blocks(model):
+                for j, rb in enumerate(ub.res_blocks):
+                    _hook_depthwise(state, rt, rb.depthwise, (where, j, "depthwise"))
+                    state.undo.set_attr(rb.channelwise_norm, "forward",
+                                        RowGRN(rt, rb.channelwise_norm, (where, j, "grn")))
+                    state.targets.append(f"{where}.res_blocks.{j}")
+                for j, ab in enumerate(ub.attention_blocks):
+                    for name in ("attn1", "attn2"):
+                        attn = getattr(ab, name)
+                        state.undo.set_attr(attn, "processor",
+                                            NATCrossAttnProcessor(rt, (where, j, name), attn.processor))
+                    state.targets.append(f"{where}.attention_blocks.{j}")
+            state.targets.append("mlm_layer")
+        elif getattr(model.config, "num_res_blocks", 0) > 0:
             state.skipped.append(
                 "disentangle is approximate here: the down-block (num_res_blocks="
                 f"{model.config.num_res_blocks}) mixes neighbouring tokens into the stack input")
