@@ -18,7 +18,9 @@ Every setting runs one untimed warm-up generation (captures graphs) and ``--repe
 fraction of equal tokens: about 1.0 when replays run the same kernels as eager; a low value means
 broken graph bookkeeping);
 the table shows ms per image (= generation time / batch) and speedups vs vanilla-graph and
-vanilla-eager. Random weights say nothing about quality (``vprune eval nat`` measures that on the
+vanilla-eager, the fraction of token rows computed (``tokens``: modes cache and reuse run every
+per-token module on those rows, disentangle only the transformer layers) and the fraction of the
+per-token multiply-accumulates that implies (``work``, from :func:`token_macs`). Random weights say nothing about quality (``vprune eval nat`` measures that on the
 testbed); they do not change the work per step, which the schedule fixes. Needs CUDA and diffusers
 (``pip install vprune[diffusers]``); ``--tiny`` runs a tiny shape eagerly on the CPU (smoke test).
 """
@@ -53,6 +55,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed generations per setting (default 3)")
     p.add_argument("--eager-modes", action="store_true", help="also time each NATCache config without CUDA graphs")
     p.add_argument("--json", default="bench_nat.json", help="output JSON (default bench_nat.json)")
+
+
+def token_macs(cfg: Dict[str, Any], text_tokens: int = 77) -> Dict[str, float]:
+    """Multiply-accumulates per image token of one ``UVit2DModel`` forward, by part.
+
+    ``stack``: the transformer layers (self-attention over all ``N`` keys, cross-attention over
+    ``text_tokens``, GEGLU feed-forward); ``rows``: the other per-token work (embedding, ConvNeXt
+    pointwise MLPs, down/up block attention, projections, MLM head); ``mixing``: the depthwise 3x3
+    convolutions, which NATCache still runs over the full map. Text-side K/V (once per generation)
+    and per-image conditioning are left out.
+    """
+    h, c, n = cfg["hidden_size"], cfg["block_out_channels"], cfg["sample_size"] ** 2
+    i, r = cfg["intermediate_size"], cfg["num_res_blocks"]
+    layer = 4 * h * h + 2 * n * h + 2 * h * h + 2 * text_tokens * h + 2 * h * i + i * h
+    block = 4 * c * c + 4 * c * c + 2 * (2 * c * c + 2 * text_tokens * c)    # ConvNeXt MLP + 2 attentions
+    rows = (cfg["in_channels"] * c + 2 * r * block + 2 * c * h
+            + c * cfg["in_channels"] + cfg["in_channels"] * cfg["codebook_size"])
+    return {"stack": float(cfg["num_hidden_layers"] * layer), "rows": float(rows), "mixing": float(2 * r * 9 * c)}
+
+
+def work_fraction(cfg: Dict[str, Any], tokens_per_step: List[int], scope: str) -> float:
+    """Fraction of the per-token MACs of ``len(tokens_per_step)`` vanilla forwards that NATCache
+    computes, given the rows ``k`` it computed per step (``scope`` "forward": every per-token
+    module runs on ``k`` rows; "blocks": only the transformer layers do)."""
+    m, n = token_macs(cfg), cfg["sample_size"] ** 2
+    total = m["stack"] + m["rows"] + m["mixing"]
+    short = m["stack"] + m["rows"] if scope == "forward" else m["stack"]
+    done = sum(k * short + n * (total - short) for k in tokens_per_step)
+    return done / (len(tokens_per_step) * n * total)
 
 
 def _parse_configs(text: str) -> List[Tuple[str, int]]:
@@ -234,6 +265,8 @@ def run(args: argparse.Namespace) -> int:
                         row["graphs_captured"] = st["graphs_captured"]
                         hist = model._vprune.runtime.history
                         row["tokens_per_step"] = [h["k"] for h in hist[-args.steps:]]
+                        row["tokens_computed_scope"] = st["tokens_computed_scope"]
+                        row["work_fraction"] = work_fraction(cfg, row["tokens_per_step"], st["tokens_computed_scope"])
                 except Exception as exc:  # one failing setting must not hide the others
                     row["error"] = f"{type(exc).__name__}: {exc}"
                 finally:
@@ -255,16 +288,18 @@ def run(args: argparse.Namespace) -> int:
             if base.get("vanilla-eager"):
                 r["speedup_vs_vanilla_eager"] = base["vanilla-eager"] / r["ms_per_image"]
 
-    print(f"\n{'batch':>5} {'setting':<22} {'ms/image':>9} {'vs graph':>9} {'vs eager':>9} {'computed':>9} "
-          f"{'graph==eager':>8}")
+    print(f"\n{'batch':>5} {'setting':<22} {'ms/image':>9} {'vs graph':>9} {'vs eager':>9} {'tokens':>7} "
+          f"{'work':>6} {'graph==eager':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['batch']:>5} {r['setting']:<22} ERROR {r['error']}")
             continue
         fmt = lambda v, s="x": f"{v:.2f}{s}" if isinstance(v, float) else "-"  # noqa: E731
         print(f"{r['batch']:>5} {r['setting']:<22} {r['ms_per_image']:>9.2f} {fmt(r.get('speedup_vs_vanilla_graph')):>9} "
-              f"{fmt(r.get('speedup_vs_vanilla_eager')):>9} {fmt(r.get('tokens_computed_fraction'), ''):>9} "
-              f"{fmt(r.get('graph_matches_eager'), ''):>8}")
+              f"{fmt(r.get('speedup_vs_vanilla_eager')):>9} {fmt(r.get('tokens_computed_fraction'), ''):>7} "
+              f"{fmt(r.get('work_fraction'), ''):>6} {fmt(r.get('graph_matches_eager'), ''):>8}")
+    print("tokens: rows computed / rows of vanilla (cache, reuse: every per-token module; disentangle: the "
+          "transformer layers only); work: the per-token MACs computed (bench.nat.token_macs)")
 
     report = {
         "benchmark": "nat", "date": datetime.datetime.now().isoformat(timespec="seconds"),
