@@ -44,6 +44,34 @@ every layer has been queued, so the host is never stalled in the middle of the s
 sync leaves the GPU idle while the host launches the remaining layers; at batch 8 on LLaVA-7B that
 was 25 ms of a 73 ms prefill).
 
+CUDA graphs (``VisualPruning(cuda_graph=True)``, ``LLMPruner.install_graphs``): a pruned prefill of
+a few hundred kept tokens is launch-bound in eager mode (LLaVA-7B, B=8, 128 kept tokens: ~1 ms of GPU
+work per layer, with the GPU idle between kernels while the host launches them). With the option,
+layer K's forward (an instance attribute, undone on unpatch) runs layers K..N-1 as one captured graph:
+
+- inputs: layer K's rewritten inputs (pruned hidden states, cos/sin sliced to the kept rows, the 4-D
+  mask with rows *and* kept columns gathered, position ids, plain flags) are copied into static
+  buffers. The graph is keyed by their shapes, strides, dtypes, devices and flag values (batch,
+  kept length, dtype, mask or not, cache or not, ...), captured on the key's first use (a warm-up on a
+  side stream, then the capture) and replayed afterwards. At most ``MAX_GRAPHS`` per model, least
+  recently used dropped first; all share one memory pool. ``vprune.reset`` keeps them (they hold no
+  request state); unpatching frees them.
+- KV cache: inside the graph the layers write into a private stand-in for the (empty) cache layers
+  K..N-1, whose K/V tensors are graph outputs; after each replay they are written into the user's
+  cache with its own ``update`` (a DynamicLayer concatenates: a copy), so the cache holds exactly what
+  the eager path leaves and the decode steps, which stay eager, are unchanged. The hidden state
+  returned is a copy too. ``use_cache=False`` runs the graph without a cache.
+- layers K+1..N-1 then return the hidden state they get (they already ran inside the graph).
+- calls the graph cannot take run eagerly with a one-time warning per reason: autograd enabled,
+  training mode, ``output_hidden_states`` / ``output_attentions`` (recorded per layer), a cache other
+  than empty ``DynamicLayer`` s (StaticCache, offloading, quantised), being inside another capture.
+  Inputs on the CPU raise (``IncompatibleModelError``) when a prefill is planned, before any layer runs:
+  the check is at call time because a model is often patched on the CPU and moved to CUDA after.
+- memory per graph: its private K/V for one prefill, 2 * (N - K) * B * H_kv * L' * head_dim elements
+  (LLaVA-7B, K=2, B=8, L'=128, bf16: ~0.5 GB), its static inputs, and the shared pool's temporaries.
+- hooks on the layers K+1..N-1 themselves see the pass-through call; hooks inside the layers run only
+  while a graph is captured.
+
 Reuse (OpenVLA, other Llama-style stacks): build an ``LLMPruner`` with the text model's config, its
 decoder layers and the strategy's row mode, ``install`` it with an undo log, and call
 ``begin_call(groups, ...)`` / ``end_call()`` around each host forward, where ``groups`` lists the
@@ -55,6 +83,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -222,6 +251,8 @@ class CallScratch:
     scored: bool = False
     pruned_layers: int = 0
     nan_rows: List[torch.Tensor] = field(default_factory=list)  # bool [B] per scored bucket (deferred check)
+    graph: Optional[str] = None  # cuda_graph: 'captured', 'replayed' or 'eager: <why>'
+    graph_out: Optional[torch.Tensor] = None  # the graph's final hidden state (layers > K pass it on)
 
 
 # Devices whose NaN check of the scores waits for ``end_call`` (a host sync there costs nothing: the
@@ -266,6 +297,188 @@ def _release_attention_name(name: str) -> None:
         _REGISTERED[name] = left
 
 
+# ------------------------------------------------------------------ CUDA graphs of the pruned layers
+#: Graphs one pruner keeps (least recently used dropped first). Each holds a private copy of the
+#: pruned layers' K/V for one prefill: 2 * (N - K) * B * H_kv * L' * head_dim * dtype bytes (LLaVA-7B,
+#: K=2, B=8, L'=128, bf16: 30 layers * 2 * 8.4 MB = 0.5 GB), plus its static inputs; the temporaries
+#: of every graph of a pruner share one memory pool (about one layer's activations).
+MAX_GRAPHS = 4
+
+_CACHE_SLOT = object()  # where the user's cache sat in a layer's kwargs (the body passes its own)
+
+
+class CudaGraphBackend:
+    """Captures and replays the pruned layers' body (a seam: tests run the same bookkeeping on the
+    CPU with ``NoCaptureBackend``). One memory pool per backend, i.e. per patched model."""
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+
+    def check_device(self, device: torch.device, host_name: str) -> None:
+        """Raise a clear error unless the inputs are on CUDA (called when a prefill is planned)."""
+        if torch.device(device).type != "cuda":
+            raise IncompatibleModelError(
+                f"{host_name}: VisualPruning(cuda_graph=True) runs the pruned decoder layers as a CUDA graph, "
+                f"which needs CUDA tensors; this prefill's inputs are on {torch.device(device).type!r} (move the "
+                f"model and inputs to a CUDA device, or patch with cuda_graph=False)")
+
+    def usable(self) -> bool:
+        """False inside someone else's capture (the layers then run eagerly into that capture)."""
+        return not torch.cuda.is_current_stream_capturing()
+
+    def capture(self, body: Callable[[], List[torch.Tensor]]) -> Tuple[Any, List[torch.Tensor]]:
+        """Warm ``body`` up once on a side stream (lazy kernel / cuBLAS setup must not happen inside a
+        capture), then record it: -> (graph, its static output tensors). Nothing runs at capture."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        main = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            body()
+        main.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = body()
+        return graph, outputs
+
+    def replay(self, graph: Any, outputs: List[torch.Tensor]) -> None:
+        """Run the recorded kernels on the current stream; they rewrite ``outputs`` in place."""
+        graph.replay()
+
+
+class NoCaptureBackend(CudaGraphBackend):
+    """A CPU stand-in with the real backend's contract: ``capture`` runs the body once for its output
+    tensors, ``replay`` runs the captured body again and copies the results into those tensors. The
+    body is built once per graph, so it can only see a later call's inputs through the static buffers
+    (what a real replay sees), and the caller must copy its results out as after a real replay."""
+
+    def check_device(self, device: torch.device, host_name: str) -> None:
+        return None
+
+    def usable(self) -> bool:
+        return True
+
+    def capture(self, body: Callable[[], List[torch.Tensor]]) -> Tuple[Any, List[torch.Tensor]]:
+        return body, body()
+
+    def replay(self, graph: Any, outputs: List[torch.Tensor]) -> None:
+        with torch.inference_mode():  # outputs captured under inference mode are inference tensors
+            for static, new in zip(outputs, graph()):
+                static.copy_(new)
+
+
+class _PrivateCache:
+    """Takes the place of the user's KV cache inside the graph body. The pruned layers of a prefill
+    start from empty cache layers, so it returns what an empty transformers ``DynamicLayer`` returns
+    (the concatenation of an empty tensor and the new K/V: the same op, so the attention sees the
+    same tensors) and keeps those tensors as graph outputs, copied into the user's cache after each
+    replay."""
+
+    def __init__(self) -> None:
+        self.kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.cat([key_states.new_empty(0), key_states], dim=-2)
+        values = torch.cat([value_states.new_empty(0), value_states], dim=-2)
+        self.kv[layer_idx] = (keys, values)
+        return keys, values
+
+    def outputs(self, layer_ids: Sequence[int]) -> List[torch.Tensor]:
+        missing = [i for i in layer_ids if i not in self.kv]
+        if missing:
+            raise RuntimeError(f"decoder layers {missing} wrote no K/V while their prefill was captured")
+        return [t for i in layer_ids for t in self.kv[i]]
+
+
+@dataclass
+class GraphEntry:
+    """One captured graph: the static inputs its kernels read, the outputs they write."""
+
+    graph: Any
+    args: tuple  # static (hidden [B, L', D], ...)
+    kwargs: Dict[str, Any]  # static tensors; the cache slot marked by _CACHE_SLOT
+    outputs: List[torch.Tensor]  # [hidden out, K_K, V_K, K_K+1, ...]
+    replays: int = 0
+
+
+class _NotKeyable(Exception):
+    """A layer argument a graph cannot be keyed on (the call then runs eagerly)."""
+
+
+def graph_signature(x: Any) -> Any:
+    """A hashable description of a layer argument: tensors by shape, strides, dtype and device, plain
+    values by value, containers recursively. Raises _NotKeyable for anything else."""
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), x.stride(), x.dtype, str(x.device))
+    if x is None or x is _CACHE_SLOT or isinstance(x, (bool, int, float, str)):
+        return ("cache",) if x is _CACHE_SLOT else (type(x).__name__, x)
+    if isinstance(x, (tuple, list)):
+        return (type(x).__name__,) + tuple(graph_signature(v) for v in x)
+    if isinstance(x, dict):
+        return ("dict",) + tuple((k, graph_signature(v)) for k, v in sorted(x.items()))
+    raise _NotKeyable(type(x).__name__)
+
+
+def static_clone(x: Any) -> Any:
+    """A copy of ``x`` whose tensors are fresh buffers (same shape, strides and values)."""
+    if isinstance(x, torch.Tensor):
+        out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+        return out.copy_(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(static_clone(v) for v in x)
+    if isinstance(x, dict):
+        return {k: static_clone(v) for k, v in x.items()}
+    return x
+
+
+def copy_into(static: Any, live: Any) -> None:
+    """Copy the tensors of ``live`` into the matching buffers of ``static`` (same structure)."""
+    if isinstance(static, torch.Tensor):
+        static.copy_(live)
+    elif isinstance(static, (tuple, list)):
+        for s, v in zip(static, live):
+            copy_into(s, v)
+    elif isinstance(static, dict):
+        for k, s in static.items():
+            copy_into(s, live[k])
+
+
+def cache_graph_refusal(cache: Any, layer_ids: Sequence[int]) -> Optional[str]:
+    """Why the user's cache cannot take a graph's K/V (None: it can). The graph body stands in for
+    empty transformers ``DynamicLayer`` s (transformers >= 4.56 ``Cache.layers``), so those are the
+    only layers accepted; a StaticCache, an offloading or quantised cache runs the layers eagerly."""
+    if cache is None:
+        return None
+    if getattr(cache, "offloading", False):
+        return "an offloading KV cache"
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return f"a {type(cache).__name__} KV cache (not a transformers Cache with .layers)"
+    for i in layer_ids:
+        layer = layers[i] if i < len(layers) else None
+        cls = type(layer) if layer is not None else getattr(cache, "layer_class_to_replicate", None)
+        if cls is None or cls.__name__ != "DynamicLayer":
+            return f"{getattr(cls, '__name__', cls)} cache layers (only DynamicLayer)"
+        if layer is not None and layer.get_seq_length() != 0:
+            return f"a KV cache whose layer {i} is not empty"
+    return None
+
+
+def outputs_being_recorded() -> bool:
+    """True while transformers (>= 5) records per-layer outputs for ``output_hidden_states`` /
+    ``output_attentions`` through hooks: the pass-through layers would record wrong values."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    try:
+        return bool(_active_collector.get())
+    except LookupError:
+        return False
+
+
 # ----------------------------------------------------------------------------------- the pruner
 class LLMPruner:
     """Prunes visual tokens at decoder layer ``layer`` of a transformers text model.
@@ -295,6 +508,14 @@ class LLMPruner:
         self.call: Optional[CallScratch] = None
         self.last: Optional[Dict[str, Any]] = None
         self.calls = 0
+        # cuda_graph (install_graphs): layers K..N-1 of a prefill as one captured graph per input signature
+        self.graph_backend: Optional[CudaGraphBackend] = None
+        self.graphs: "OrderedDict[Any, GraphEntry]" = OrderedDict()
+        self.max_graphs = MAX_GRAPHS
+        self.graphs_captured = 0
+        self._forwards: Dict[int, Callable[..., Any]] = {}  # layer index -> its forward before the patch
+        self._in_graph_body = False
+        self._graph_warned: set = set()
 
     # ---------------------------------------------------------------------------------- install
     def check(self) -> None:
@@ -333,6 +554,8 @@ class LLMPruner:
         self.check()
         self.install_attention(undo)
         self.install_layer_hooks(undo)
+        if getattr(self.config, "cuda_graph", False):
+            self.install_graphs(undo)
 
     def install_attention(self, undo: Any) -> None:
         """transformers >= 4.48: route the text model's attention through the registered ``vprune_*``
@@ -358,9 +581,150 @@ class LLMPruner:
         for i in range(self.layer, len(self.layers)):
             undo.add_hook(self.layers[i].register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
 
+    def install_graphs(self, undo: Any) -> None:
+        """``cuda_graph``: give every layer >= K an instance-level ``forward`` (recorded in ``undo``).
+
+        In a pruned prefill, layer K's forward (after its pre-hook rewrote the inputs) runs layers
+        K..N-1 as one CUDA graph and returns the final hidden state; layers K+1.. return the hidden
+        state they get (they already ran inside the graph). Any other call (decode steps, unpruned
+        prefills, a call the graph cannot take) runs the original forwards. Unpatching frees the graphs.
+        """
+        self.graph_backend = CudaGraphBackend()
+        undo.on_undo(self.drop_graphs, "CUDA graphs of the pruned layers")
+        for i in range(self.layer, len(self.layers)):
+            layer = self.layers[i]
+            original = layer.forward  # the bound method, or an instance wrapper (accelerate's) that we keep
+            self._forwards[i] = original
+            undo.set_attr(layer, "forward", self._make_graph_forward(i, original))
+
+    def drop_graphs(self) -> None:
+        """Free every captured graph (its static buffers and private K/V) and the memory pool."""
+        self.graphs.clear()
+        if self.graph_backend is not None:
+            self.graph_backend.pool = None
+
+    def _make_graph_forward(self, index: int, original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            call = self.call
+            if call is None or call.plan is None or call.keep is None:
+                return original(*args, **kwargs)
+            if index > self.layer:
+                return _compat.layer_hidden(args, kwargs) if call.graph_out is not None else original(*args, **kwargs)
+            try:
+                key, static_kwargs, cache = self._graph_key(call, args, kwargs)
+            except _NotKeyable as exc:
+                key, reason = None, f"a decoder-layer argument of type {exc} that a graph cannot be keyed on"
+            else:
+                reason = self._graph_refusal(cache) if key is not None else "positional decoder-layer arguments"
+            if reason is not None:
+                call.graph = f"eager: {reason}"
+                self._warn_graph_once(reason)
+                return original(*args, **kwargs)
+            call.graph_out = self._run_graph(call, key, tuple(args), static_kwargs, cache)
+            return call.graph_out
+
+        forward.__name__ = f"vprune_graph_forward_{index}"
+        return forward
+
+    def _graph_key(self, call: CallScratch, args: tuple, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any], Any]:
+        """(key, kwargs to make static, the user's cache) for layer K's rewritten inputs. The mask gets
+        its columns gathered here (as ``on_attention`` would for a fresh cache: keys = the L' kept rows),
+        so the graph reads a [B, 1, L', L'] mask; the cache is replaced by a slot marker."""
+        if len(args) != 1:
+            return None, {}, None
+        plan = call.plan
+        kwargs = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.shape[-1] == plan.seq_len:
+            kwargs["attention_mask"] = self._mask_columns(call, mask, SequenceMap(call.keep, plan.seq_len),
+                                                          plan.keep_len)
+        cache = None
+        for name in _compat._CACHE_KWARGS:
+            if kwargs.get(name) is not None:
+                cache, kwargs[name] = kwargs[name], _CACHE_SLOT
+        return graph_signature((args, kwargs)), kwargs, cache
+
+    def _graph_refusal(self, cache: Any) -> Optional[str]:
+        """Why this prefill's pruned layers must run eagerly (None: they can run as a graph)."""
+        if torch.is_grad_enabled():
+            return "autograd is enabled (call the model under torch.no_grad() or torch.inference_mode())"
+        if not self.graph_backend.usable():
+            return "the call is itself being captured into a CUDA graph"
+        if any(self.layers[i].training for i in range(self.layer, len(self.layers))):
+            return "the model is in training mode"
+        if outputs_being_recorded():
+            return "output_hidden_states / output_attentions was requested"
+        return cache_graph_refusal(cache, range(self.layer, len(self.layers)))
+
+    def _warn_graph_once(self, reason: str) -> None:
+        if reason not in self._graph_warned:
+            self._graph_warned.add(reason)
+            warnings.warn(f"{self.host_name}: VisualPruning(cuda_graph=True) ran decoder layers {self.layer}.."
+                          f"{len(self.layers) - 1} of a pruned prefill eagerly: {reason}", VPruneWarning, stacklevel=4)
+
+    def _run_graph(self, call: CallScratch, key: Any, args: tuple, kwargs: Dict[str, Any], cache: Any) -> torch.Tensor:
+        """Replay (capturing first if ``key`` is new) layers K..N-1 on ``args``/``kwargs``, write their K/V
+        into ``cache`` as the eager layers would, and return the final hidden state [B, L', D] (a copy:
+        the next replay overwrites the graph's own output)."""
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(args, kwargs)
+            self.graphs[key] = entry
+            self.graphs_captured += 1
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+            call.graph = "captured"
+        else:
+            self.graphs.move_to_end(key)
+            copy_into(entry.args, args)
+            copy_into(entry.kwargs, kwargs)
+            call.graph = "replayed"
+        self.graph_backend.replay(entry.graph, entry.outputs)
+        entry.replays += 1
+        out = entry.outputs
+        if cache is not None:  # DynamicLayer.update concatenates: the user's cache gets its own copies
+            for j, i in enumerate(range(self.layer, len(self.layers))):
+                cache.update(out[1 + 2 * j], out[2 + 2 * j], i)
+        return out[0].clone()
+
+    def _capture(self, args: tuple, kwargs: Dict[str, Any]) -> GraphEntry:
+        """Static copies of the inputs, and the graph of layers K..N-1 reading them."""
+        with torch.inference_mode(False), torch.no_grad():  # buffers any later call may write into
+            static_args, static_kwargs = static_clone(args), static_clone(kwargs)
+        layer_ids = list(range(self.layer, len(self.layers)))
+        has_cache = any(v is _CACHE_SLOT for v in static_kwargs.values())
+
+        def body() -> List[torch.Tensor]:
+            private = _PrivateCache() if has_cache else None
+            kw = {k: (private if v is _CACHE_SLOT else v) for k, v in static_kwargs.items()}
+            hidden = static_args[0]
+            self._in_graph_body = True
+            try:
+                for i in layer_ids:
+                    hidden = self._forwards[i](hidden, **kw)
+                    if not isinstance(hidden, torch.Tensor):
+                        raise IncompatibleModelError(
+                            f"{self.host_name}: decoder layer {i} returned a {type(hidden).__name__}; "
+                            f"VisualPruning(cuda_graph=True) needs layers that return the hidden states "
+                            f"tensor (transformers >= 5)")
+            finally:
+                self._in_graph_body = False
+            return [hidden] + (private.outputs(layer_ids) if private is not None else [])
+
+        try:
+            graph, outputs = self.graph_backend.capture(body)
+        except IncompatibleModelError:
+            raise
+        except Exception as exc:
+            raise RuntimeError(
+                f"{self.host_name}: capturing decoder layers {self.layer}..{len(self.layers) - 1} as a CUDA graph "
+                f"failed ({type(exc).__name__}: {exc}); patch with VisualPruning(cuda_graph=False)") from exc
+        return GraphEntry(graph=graph, args=static_args, kwargs=static_kwargs, outputs=outputs)
+
     # ------------------------------------------------------------------------------ per call
     def reset(self) -> None:
-        """Forget the pruned-prefill record and the last call's stats (a new request / episode)."""
+        """Forget the pruned-prefill record and the last call's stats (a new request / episode).
+        Captured CUDA graphs stay: they are keyed by input shapes and hold no request state."""
         self.seq = None
         self.last = None
 
@@ -378,6 +742,8 @@ class LLMPruner:
         if cache_len == 0:
             self.seq = None  # a fresh sequence: whatever the cache held before is gone
             if has_visual:
+                if self.graph_backend is not None:
+                    self.graph_backend.check_device(device, self.host_name)
                 call.plan = self._plan(groups, batch, seq_len, device, attention_mask)
         else:
             if has_visual:
@@ -419,7 +785,7 @@ class LLMPruner:
             return
         self.seq = SequenceMap(keep=call.keep, prompt_len=plan.seq_len)
         self.last = {"pruned": True, "plan": plan, "kept_visual": call.kept_visual, "keep": call.keep,
-                     "pruned_layers": call.pruned_layers}
+                     "pruned_layers": call.pruned_layers, "graph": call.graph}
 
     # ------------------------------------------------------------------------------- planning
     def _plan(self, groups: Groups, batch: int, seq_len: int, device: torch.device,
@@ -502,7 +868,7 @@ class LLMPruner:
                      attention_mask: Any, kwargs: Dict[str, Any]) -> Any:
         """Called by the registered attention function before the stock one; returns the mask to use."""
         call = self.call
-        if call is None:
+        if call is None or self._in_graph_body:  # the graph's mask already has the kept columns
             return attention_mask
         plan = call.plan
         if plan is not None and layer == self.layer - 1 and self.row_mode is not None and query.shape[2] == plan.seq_len:
@@ -593,6 +959,8 @@ class LLMPruner:
             if call.keep is None:
                 return None
             call.pruned_layers += 1
+            if call.graph_out is not None:  # ran inside layer K's graph: its forward passes the result on
+                return None
             return self.rewrite_layer_inputs(index, call, args, kwargs)
 
         return hook
@@ -669,6 +1037,10 @@ class LLMPruner:
         """Plain-Python summary of the last prefill (syncs the device)."""
         out: Dict[str, Any] = {"layer": self.layer, "strategy": self.strategy,
                                "attention": self.base_attention}
+        if self.graph_backend is not None:
+            out["cuda_graph"] = {"last_prefill": (self.last or {}).get("graph"), "graphs": len(self.graphs),
+                                 "captured": self.graphs_captured,
+                                 "replays": sum(e.replays for e in self.graphs.values())}
         last = self.last
         if not last or not last.get("pruned"):
             out.update(pruned=False, visual_tokens_before=[], visual_tokens_after=[], kept_indices=[],

@@ -4,6 +4,8 @@ Tested on transformers 5.24 and 5.17 (CPU; tiny random-weight models in tests/te
 The machinery is ``integrations._llm_pruning``; this file only finds the image tokens
 (``config.image_token_id`` in ``input_ids``; one image = ``image_seq_length`` or
 ``tokens / pixel_values.shape[0]`` consecutive tokens), the text model and its decoder layers.
+``VisualPruning(cuda_graph=True)`` runs the pruned layers of each prefill as a CUDA graph (see
+``_llm_pruning``; decode steps stay eager).
 """
 from __future__ import annotations
 

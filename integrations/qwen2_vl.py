@@ -5,7 +5,9 @@ Tested on transformers 5.24 and 5.17 (CPU; tiny random-weight models in tests/te
 (``config.video_token_id``); each contiguous run between vision_start and vision_end is one image
 (or one video) with its own budget. Kept tokens keep their mRoPE positions: the text model's cos/sin
 rows are sliced, never recomputed, and ``model.rope_deltas`` is left alone (decoding continues from
-the unpruned length, which is what ``generate`` tracks).
+the unpruned length, which is what ``generate`` tracks). ``VisualPruning(cuda_graph=True)`` works as
+for LLaVA (``_llm_pruning``); ``generate``'s prefill passes text position ids that a plain forward
+does not, so the two capture separate graphs.
 """
 from __future__ import annotations
 
