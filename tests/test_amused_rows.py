@@ -168,6 +168,7 @@ def test_cheap_step_over_every_row_equals_vanilla(mode):
         for ids, logits in calls:
             want = vanilla(ids, micro_conds=mc, pooled_text_emb=pooled, encoder_hidden_states=ehs)
             torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+            assert logits.stride() == want.stride()     # the same (token-major) layout as vanilla's
 
 
 @pytest.mark.parametrize("mode, refresh", [("cache", 3), ("cache", 1000), ("reuse", 4)])

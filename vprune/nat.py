@@ -453,26 +453,27 @@ class NATRuntime:
         Full steps: ``x`` is the whole map ``[B, C, *grid]``; it is recorded and returned. Subset
         steps: ``x`` holds the computed rows ``[B, C, k, ...]``; they are written into the recorded
         map, which is returned (``[B, C, *grid]``: fresh computed rows, the others as last computed).
+        The record is token-major (``[B, *grid, C]`` memory: the returned map has channels-last
+        strides), so writing a row and reading one back (:meth:`rows_of`) touch contiguous channels.
         """
         if not self.active:
             return x
         s = self.host.stream
         idx = self.dev.idx
         if idx is None:
-            _store(s.extra, key, x)
+            _store(s.extra, key, x.movedim(1, -1))
             return x
-        cache = _need(s.extra, key)
-        b, c = cache.shape[:2]
-        cache.view(b, c, -1).scatter_(2, idx[:, None, :].expand(b, c, -1), x.detach().reshape(b, c, -1))
-        return cache
+        return _scatter_rows(_need(s.extra, key), idx, x)
 
     def rows_of(self, y: torch.Tensor) -> torch.Tensor:
-        """``[B, C, *grid]`` -> the computed rows ``[B, C, k]`` (all ``N`` on full steps)."""
+        """``[B, C, *grid]`` -> the computed rows ``[B, C, k]`` (all ``N`` on full steps); a view with
+        token-major strides when ``y`` has them."""
         b, c = y.shape[:2]
         flat = y.reshape(b, c, -1)
         if not self.active or self.dev.idx is None:
             return flat
-        return flat.gather(2, self.dev.idx[:, None, :].expand(b, c, -1))
+        rows = flat.transpose(1, 2).gather(1, self.dev.idx[:, :, None].expand(-1, -1, c))
+        return rows.transpose(1, 2)
 
     def token_sumsq(self, key: Any, x: torch.Tensor) -> torch.Tensor:
         """Per-channel sum of squares over all ``N`` tokens, ``[B, C]`` float32.
@@ -498,21 +499,20 @@ class NATRuntime:
         """Output ``[B, C, *grid]`` of all tokens from this step's rows (subset steps: ``[B, C, k, ...]``).
 
         Full steps record ``y`` and return it; subset steps write the rows into the record and return
-        a copy of it (the record itself while a CUDA graph is being captured: the replay wrapper copies).
+        a copy of it (the record itself while a CUDA graph is being captured: the replay wrapper
+        copies). The record is token-major like :meth:`full_map`'s; so is the returned map's layout.
         """
         if not self.active:
             return y
         s = self.host.stream
         idx = self.dev.idx
         if idx is None:
-            _store(s.extra, key, y)
+            _store(s.extra, key, y.movedim(1, -1))
             return y
-        cache = _need(s.extra, key)
-        b, c = cache.shape[:2]
-        cache.view(b, c, -1).scatter_(2, idx[:, None, :].expand(b, c, -1), y.detach().reshape(b, c, -1))
-        if cache.is_cuda and torch.cuda.is_current_stream_capturing():
-            return cache
-        return cache.clone()
+        out = _scatter_rows(_need(s.extra, key), idx, y)
+        if out.is_cuda and torch.cuda.is_current_stream_capturing():
+            return out
+        return out.clone()
 
     def end(self) -> None:
         self.dev = None
@@ -727,6 +727,15 @@ def _store(extra: Dict[Any, Any], key: Any, value: torch.Tensor) -> torch.Tensor
         return old
     extra[key] = value.detach().clone(memory_format=torch.contiguous_format)
     return extra[key]
+
+
+def _scatter_rows(cache: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Write rows ``x`` ``[B, C, k, ...]`` at token positions ``idx`` ``[B, k]`` into the token-major
+    record ``cache`` ``[B, *grid, C]``; returns the record as ``[B, C, *grid]`` (channels-last view)."""
+    b, c = x.shape[:2]
+    rows = x.detach().reshape(b, c, -1).transpose(1, 2)               # [B, k, C]
+    cache.view(b, -1, c).scatter_(1, idx[:, :, None].expand(-1, -1, c), rows)
+    return cache.movedim(-1, 1)
 
 
 def _need(extra: Dict[Any, Any], key: Any) -> torch.Tensor:
