@@ -143,9 +143,15 @@ def test_graph_mode_equals_eager_amused(mode, refresh):
         ehs, pooled = torch.randn(4, 5, 16, generator=g), torch.randn(4, 16, generator=g)
         mc = torch.tensor([[64.0, 64, 0, 0, 6]]).expand(4, 5)
 
-        def gens():
-            return [amused_generate(m, sch, ehs, pooled, mc, batch=2, grid=8, steps=8, guidance=3.0,
-                                    generator=torch.Generator().manual_seed(s)) for s in range(3)]
+        def gens():     # tokens of 3 generations, and every call's logits
+            logits = []
+            h = m.register_forward_hook(lambda mod, a, o: logits.append(o.detach().clone()))
+            try:
+                toks = [amused_generate(m, sch, ehs, pooled, mc, batch=2, grid=8, steps=8, guidance=3.0,
+                                        generator=torch.Generator().manual_seed(s)) for s in range(3)]
+            finally:
+                h.remove()
+            return toks, logits
 
         with torch.no_grad():
             with vprune.patched(m, vprune.NATCache(mode=mode, refresh=refresh)):
@@ -154,7 +160,40 @@ def test_graph_mode_equals_eager_amused(mode, refresh):
                 backend = FakeGraphBackend()
                 m._vprune.runtime.graph_backend = backend
                 graphs = gens()
-        assert backend.replays > 0
-        assert all(torch.equal(a, b) for a, b in zip(eager, graphs))
+                kinds = [h["kind"] for h in m._vprune.runtime.history]
+        assert backend.replays > 0 and "subset" in kinds
+        assert all(torch.equal(a, b) for a, b in zip(eager[0], graphs[0]))
+        assert len(eager[1]) == len(graphs[1]) == 24
+        assert all(torch.equal(a, b) for a, b in zip(eager[1], graphs[1]))
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_cuda_graphs_equal_eager_amused():
+    diffusers = pytest.importorskip("diffusers")
+    from vprune.integrations.amused import amused_generate
+
+    torch.manual_seed(0)
+    m = diffusers.UVit2DModel(hidden_size=64, cond_embed_dim=16, micro_cond_encode_dim=4, micro_cond_embed_dim=20,
+                              encoder_hidden_size=16, vocab_size=40, codebook_size=32, in_channels=16,
+                              block_out_channels=32, num_res_blocks=2, block_num_heads=2, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=64, sample_size=16).cuda().eval()
+    sch = diffusers.AmusedScheduler(mask_token_id=39)
+    g = torch.Generator().manual_seed(0)
+    ehs, pooled = torch.randn(4, 5, 16, generator=g).cuda(), torch.randn(4, 16, generator=g).cuda()
+    mc = torch.tensor([[256.0, 256, 0, 0, 6]]).expand(4, 5).cuda()
+
+    def gens():
+        return [amused_generate(m, sch, ehs, pooled, mc, batch=2, grid=16, steps=12, guidance=3.0,
+                                generator=torch.Generator("cuda").manual_seed(s)) for s in range(3)]
+
+    for mode, r in (("cache", 4), ("reuse", 4)):
+        with torch.no_grad():
+            with vprune.patched(m, vprune.NATCache(mode=mode, refresh=r)):
+                ref = gens()
+            with vprune.patched(m, vprune.NATCache(mode=mode, refresh=r, cuda_graphs=True)):
+                out = gens()
+                assert vprune.stats(m)["graphs_captured"] > 0
+        for a, b in zip(ref, out):
+            assert (a == b).float().mean() > 0.95, mode     # GPU kernels may differ in the last bit
