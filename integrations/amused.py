@@ -23,8 +23,8 @@ full steps run everything as before, bit-identical, and record the caches below)
   the ConvNeXt pointwise MLPs, the down/up block attentions, the projections, the 22 layers and the
   MLM head all compute ``k`` rows; its logits ``[B, V, k, 1]`` are written into the logits of the
   last full step (cached per stream), and the caller gets ``[B, V, H, W]``. The other rows' logits
-  are stale; ``AmusedScheduler.step`` reads only still-masked tokens' logits, and mode cache
-  computes every one of those (reuse computes the likeliest next ones);
+  are stale; ``AmusedScheduler.step`` samples every token but keeps (and ranks by confidence) only
+  the still-masked ones, all of which mode cache computes (reuse computes the likeliest next ones);
 * each ConvNeXt ``depthwise`` conv: a pre-hook writes the rows into a cached full input map
   ``[B, C, H, W]`` (the other tokens as last computed) and convolves that; a hook passes on only the
   computed rows;
