@@ -326,20 +326,22 @@ class CudaGraphBackend:
         """False inside someone else's capture (the layers then run eagerly into that capture)."""
         return not torch.cuda.is_current_stream_capturing()
 
-    def capture(self, body: Callable[[], List[torch.Tensor]]) -> Tuple[Any, List[torch.Tensor]]:
+    def capture(self, body: Callable[[], List[torch.Tensor]], device: torch.device) -> Tuple[Any, List[torch.Tensor]]:
         """Warm ``body`` up once on a side stream (lazy kernel / cuBLAS setup must not happen inside a
-        capture), then record it: -> (graph, its static output tensors). Nothing runs at capture."""
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        main = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            body()
-        main.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = body()
+        capture), then record it on ``device``: -> (graph, its static output tensors). The capture
+        itself runs nothing; the caller replays."""
+        with torch.cuda.device(device):
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            main = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                body()
+            main.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = body()
         return graph, outputs
 
     def replay(self, graph: Any, outputs: List[torch.Tensor]) -> None:
@@ -359,7 +361,7 @@ class NoCaptureBackend(CudaGraphBackend):
     def usable(self) -> bool:
         return True
 
-    def capture(self, body: Callable[[], List[torch.Tensor]]) -> Tuple[Any, List[torch.Tensor]]:
+    def capture(self, body: Callable[[], List[torch.Tensor]], device: torch.device) -> Tuple[Any, List[torch.Tensor]]:
         return body, body()
 
     def replay(self, graph: Any, outputs: List[torch.Tensor]) -> None:
@@ -712,7 +714,7 @@ class LLMPruner:
             return [hidden] + (private.outputs(layer_ids) if private is not None else [])
 
         try:
-            graph, outputs = self.graph_backend.capture(body)
+            graph, outputs = self.graph_backend.capture(body, static_args[0].device)
         except IncompatibleModelError:
             raise
         except Exception as exc:

@@ -47,7 +47,28 @@ def test_bench_vlm_tiny_end_to_end(capsys, tmp_path):
     assert full["prefill_logits_bit_identical_to_unpatched"] and full["tokens_identical_to_unpatched"]
     assert full["tokens_agree_with_unpatched"] == 1.0
     assert res["unpatch_checks"] == {k: {"class_restored": True, "hooks_left": 0, "logits_bit_identical": True}
-                                     for k in ("16", "4")}
+                                     for k in ("16", "4", "16+graph", "4+graph")}
+    # patched+graph (the CPU stand-in of the captured graph): timed with the others, the eager patch bit for bit
+    assert res["cuda_graph_variant"] == "no-capture CPU stand-in"
+    assert "patched+graph | graph speedup | graph/ideal |" in out and "patched+graph prefill = eager patch" in out
+    for r in res["rows"]:
+        _stats_ok(r["prefill"]["patched_graph"], 2)
+        assert r["prefill_graph_speedup"] > 0 and r["prefill_graph_over_ideal"] > 0
+        assert r["checks"]["graph_prefill_bit_identical_to_patched"]
+        assert r["checks"]["graph_last_prefill"] == "replayed"
+    assert "patched_graph" not in res["rows"][0]["generate"]
+
+
+def test_bench_vlm_without_the_graph_variant(capsys):
+    from vprune.bench import vlm
+
+    args = _args("bench", "vlm", "--tiny", "--batch", "1", "--keep", "4", "--no-generate", "--rounds", "1",
+                 "--no-cuda-graph")
+    assert vlm.run(args) == 0
+    out = capsys.readouterr().out
+    res = args._result
+    assert res["cuda_graph_variant"] is None and "patched_graph" not in res["rows"][0]["prefill"]
+    assert "patched+graph" not in out and set(res["unpatch_checks"]) == {"4"}
 
 
 def test_bench_vla_tiny_end_to_end(capsys, tmp_path):
@@ -95,6 +116,8 @@ def test_bench_vlm_device_columns(monkeypatch, capsys):
     assert "device: unpatched | patched | ideal" in out and "| 1.0 | 1.0 | 1.0 | 1.00x | 1.000 |" in out
     row = args._result["rows"][0]
     assert row["prefill_device_speedup"] == 1.0 and row["generate_device"]["ideal"]["ms"] == 1.0
+    assert row["prefill_device_graph_speedup"] == 1.0 and row["prefill_device_graph_over_ideal"] == 1.0
+    assert "| 1.0 | 1.0 | 1.0 | 1.00x | 1.000 | 1.0 | 1.00x | 1.000 |" in out
 
 
 def test_bench_vla_device_columns(monkeypatch, capsys):

@@ -33,9 +33,9 @@ class CountingBackend(lp.NoCaptureBackend):
         self.captures = 0
         self.replays = 0
 
-    def capture(self, body):
+    def capture(self, body, device):
         self.captures += 1
-        return super().capture(body)
+        return super().capture(body, device)
 
     def replay(self, graph, outputs):
         self.replays += 1
@@ -249,3 +249,22 @@ def test_signature_and_static_buffers():
     assert s["a"][0] is not t and s["a"][0].stride() == t.t().stride() and torch.equal(s["a"][0], t.t())
     lp.copy_into(s, {"a": (t.t() * 2,)})
     assert torch.equal(s["a"][0], t.t() * 2)
+
+
+def test_gpu_check_script_runs_its_checks_with_the_cpu_stand_in():
+    from vprune.bench import vlm_graph_check
+
+    lines = []
+    assert vlm_graph_check.check(torch.device("cpu"), torch.float32, standin=True, log=lines.append)
+    assert len(lines) == 5 and all(line.startswith("PASS") for line in lines)
+    assert sum("bit-identical" in line for line in lines) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_cuda_graphs_equal_the_eager_patch(dtype):
+    from vprune.bench import vlm_graph_check
+
+    lines = []
+    ok = vlm_graph_check.check(torch.device("cuda"), dtype, log=lines.append)
+    assert ok, "\n".join(lines)

@@ -19,6 +19,10 @@ with ``VisualPruning(keep=k, layer=K, strategy=fastv)`` once, before timing; and
                     visual rows (which rows does not change the cost), decoder layers K..31 over those rows
                     (their original positions), final norm and LM head on the last row. Scoring and
                     selection cost nothing here: that is the patch's overhead.
+    patched+graph   (prefill rounds; ``--no-cuda-graph`` leaves it out) a second clone per keep patched with
+                    ``VisualPruning(..., cuda_graph=True)``: decoder layers K..31 of the prefill run as a
+                    captured CUDA graph (captured by the checks / warm-up, replayed in the timed runs). With
+                    ``--tiny`` (CPU) it uses the no-capture stand-in: the code path, not the speed.
     ideal generate  ``generate`` of the unpatched model from ``inputs_embeds`` holding only the k kept
                     visual features ("short input"; the vision tower still runs on the full image inside
                     the timed region), plus the measured difference ideal prefill - short-input prefill
@@ -37,11 +41,12 @@ busy time per call (union of kernel / memcpy / memset intervals in a torch.profi
 
 Checks recorded in the JSON (``checks``): the patched prefill's last logits against the ideal prefill
 run on the very rows the patch kept (max abs difference, argmax agreement), the first generated token
-against that ideal's argmax, keep = all bit-identical to unpatched (logits and tokens), and after the
-timing every clone unpatched gives the unpatched model's logits bit for bit, with its original class
+against that ideal's argmax, keep = all bit-identical to unpatched (logits and tokens), patched+graph's
+prefill logits against the eager patch's (bit-identical expected), and after the timing every clone unpatched gives the unpatched model's logits bit for bit, with its original class
 and no hooks left.
 
-Speedup = unpatched / patched; patched/ideal = patched / ideal (1.00 = no overhead). Results go to a
+Speedup = unpatched / patched; patched/ideal = patched / ideal (1.00 = no overhead); graph speedup and
+graph/ideal the same for patched+graph. Results go to a
 JSON file with the card, date, versions and command, and markdown tables are printed.
 """
 from __future__ import annotations
@@ -457,6 +462,33 @@ def llava_checks(model: Any, clone: Any, k: int, n_img: int, inputs: Dict[str, t
     return out
 
 
+@torch.no_grad()
+def graph_checks(clone: Any, graph_clone: Any, inputs: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """patched+graph against the eager patch on one prefill (the graph's first call captures it)."""
+    import vprune
+
+    want = clone(**inputs, use_cache=True, logits_to_keep=1).logits
+    got = graph_clone(**inputs, use_cache=True, logits_to_keep=1).logits  # captures
+    again = graph_clone(**inputs, use_cache=True, logits_to_keep=1).logits  # replays
+    st = vprune.stats(graph_clone).get("cuda_graph") or {}
+    diff = max(float((got.float() - want.float()).abs().max()), float((again.float() - want.float()).abs().max()))
+    return {"graph_prefill_bit_identical_to_patched": bool(torch.equal(got, want) and torch.equal(again, want)),
+            "graph_prefill_max_abs_diff_vs_patched": diff, "graph_last_prefill": st.get("last_prefill")}
+
+
+def add_graph_ratios(row: Dict[str, Any]) -> None:
+    """patched+graph's speedup over unpatched and ratio to the ideal (wall and device), where measured."""
+    p = row["prefill"]
+    if "patched_graph" not in p:
+        return
+    row["prefill_graph_speedup"] = p["unpatched"]["ms"] / p["patched_graph"]["ms"]
+    row["prefill_graph_over_ideal"] = p["patched_graph"]["ms"] / p["ideal"]["ms"]
+    dv = row.get("prefill_device")
+    if dv and all(device_ms(dv.get(x)) for x in ("unpatched", "patched_graph", "ideal")):
+        row["prefill_device_graph_speedup"] = device_ms(dv["unpatched"]) / device_ms(dv["patched_graph"])
+        row["prefill_device_graph_over_ideal"] = device_ms(dv["patched_graph"]) / device_ms(dv["ideal"])
+
+
 def run_llava(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     import vprune
 
@@ -482,9 +514,18 @@ def run_llava(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     for k in keeps:
         clones[k] = vprune.patch(shared_clone(model), vprune.VisualPruning(keep=k, layer=args.layer,
                                                                            strategy=args.strategy))
+    graph_clones: Dict[int, Any] = {}
+    if args.cuda_graph:
+        for k in keeps:
+            graph_clones[k] = vprune.patch(shared_clone(model), vprune.VisualPruning(
+                keep=k, layer=args.layer, strategy=args.strategy, cuda_graph=True))
+            if device.type != "cuda":  # --tiny: the CPU stand-in runs the graph path without capturing
+                from vprune.integrations._llm_pruning import NoCaptureBackend
+
+                graph_clones[k]._vprune.runtime.graph_backend = NoCaptureBackend()
     mem_clones = memory_allocated(device)
     build_s = time.time() - t_build
-    print(f"built the model and {len(clones)} patched clones sharing its weights in {build_s:.1f} s"
+    print(f"built the model and {len(clones) + len(graph_clones)} patched clones sharing its weights in {build_s:.1f} s"
           + (f" (clones added {(mem_clones - mem_model) / 2**20:.1f} MiB)" if mem_model is not None else ""), flush=True)
 
     def variants_for(inputs: Dict[str, torch.Tensor], kidx: Dict[int, torch.Tensor]):
@@ -511,6 +552,8 @@ def run_llava(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         for k in keeps:
             c = clones[k]
             prefill_v[f"patched@{k}"] = lambda c=c: c(**inputs, use_cache=True, logits_to_keep=1)
+            if k in graph_clones:
+                prefill_v[f"graph@{k}"] = lambda c=graph_clones[k]: c(**inputs, use_cache=True, logits_to_keep=1)
             prefill_v[f"ideal@{k}"] = lambda k=k: ideal_prefill(k)
             if gen:
                 prefill_v[f"short@{k}"] = lambda k=k: short_prefill(k)
@@ -534,6 +577,8 @@ def run_llava(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
         prefill_v, gen_v = variants_for(inputs, {k: keep_index(seq_len, vis, k, batch) for k in keeps})
         checks = {k: llava_checks(model, clones[k], k, n_img, inputs, args.layer, ref_logits, ref_tokens, gen_kw)
                   for k in keeps}
+        for k, gc in graph_clones.items():
+            checks[k].update(graph_checks(clones[k], gc, inputs))
         with torch.no_grad():
             t0 = time.time()
             pre_t = interleaved(prefill_v, device, warmup, rounds, seed=args.seed + 1000 * batch)
@@ -574,6 +619,10 @@ def run_llava(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
             if pre_dev:
                 row["prefill_device"] = {"unpatched": pre_dev["unpatched"], "patched": pre_dev[f"patched@{k}"],
                                          "ideal": pre_dev[f"ideal@{k}"]}
+            if f"graph@{k}" in pre_s:
+                row["prefill"]["patched_graph"] = pre_s[f"graph@{k}"]
+                if pre_dev:
+                    row["prefill_device"]["patched_graph"] = pre_dev.get(f"graph@{k}")
             if gen:
                 row["prefill"]["short_input"] = pre_s[f"short@{k}"]
                 correction = pre_s[f"ideal@{k}"]["ms"] - pre_s[f"short@{k}"]["ms"]
@@ -599,6 +648,7 @@ def run_llava(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
                 if dv and all(device_ms(dv.get(x)) for x in ("unpatched", "patched", "ideal")):
                     row[f"{what}_device_speedup"] = device_ms(dv["unpatched"]) / device_ms(dv["patched"])
                     row[f"{what}_device_patched_over_ideal"] = device_ms(dv["patched"]) / device_ms(dv["ideal"])
+            add_graph_ratios(row)
             rows.append(row)
             print_row(row)
     inputs, ref_logits = done[-1]["inputs"], done[-1]["ref_logits"]
@@ -606,16 +656,19 @@ def run_llava(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     # Exactness of unpatch: every clone back to the original class, no hooks left, the same logits bit for bit.
     unpatch_checks = {}
     hooks_ref = hook_count(model)
-    for k, c in clones.items():
+    for k, c in itertools.chain(clones.items(), ((f"{k}+graph", c) for k, c in graph_clones.items())):
         vprune.unpatch(c)
         with torch.no_grad():
             logits = c(**inputs, logits_to_keep=1).logits
         unpatch_checks[str(k)] = {"class_restored": type(c) is type(model), "hooks_left": hook_count(c) - hooks_ref,
                                   "logits_bit_identical": bool(torch.equal(logits, ref_logits))}
     clones.clear()
+    graph_clones.clear()
     return {"model": "LLaVA-1.5-7B-shaped (random weights)" if not tiny else "tiny LLaVA (random weights)",
             "shape": shape, "dtype": str(dtype), "attention": "sdpa", "strategy": args.strategy, "layer": args.layer,
             "text_tokens": args.text_len, "new_tokens": new_tokens,
+            "cuda_graph_variant": (None if not args.cuda_graph else
+                                   "captured CUDA graph" if device.type == "cuda" else "no-capture CPU stand-in"),
             "timing": {"method": TIMING_METHOD, "prefill_rounds": rounds, "prefill_warmup": warmup,
                        "generate_rounds": gen_rounds if gen else 0,
                        "generate_warmup": (gen_warmup + 1) if gen else 0,
@@ -647,6 +700,9 @@ def print_row(row: Dict[str, Any]) -> None:
     line = (f"batch {row['batch']} keep {row['keep']:3d}/{row['visual_tokens']}: prefill unpatched {_ms(p['unpatched'])}, "
             f"patched {_ms(p['patched'])}, ideal {_ms(p['ideal'])} ms ({_x(row.get('prefill_speedup'))}, "
             f"patched/ideal {_r(row.get('prefill_patched_over_ideal'))})")
+    if "patched_graph" in p:
+        line += (f", patched+graph {_ms(p['patched_graph'])} ms ({_x(row.get('prefill_graph_speedup'))}, "
+                 f"graph/ideal {_r(row.get('prefill_graph_over_ideal'))})")
     if g:
         line += (f" | generate({row['new_tokens']}) unpatched {_ms(g['unpatched'])}, patched {_ms(g['patched'])}, "
                  f"ideal {_ms(g['ideal'])} ms ({_x(row.get('generate_speedup'))}, "
@@ -665,20 +721,31 @@ def table(result: Dict[str, Any]) -> str:
         title = f"{what}" + (f" ({result['new_tokens']} tokens)" if what == "generate" else "")
         out.append(f"{title}: wall ms, median [IQR] of {n_rounds} interleaved rounds"
                    + ("; device ms = GPU busy time per call" if dev else ""))
+        graph = any("patched_graph" in r[what] for r in rows)
         head = "| batch | keep | unpatched | patched | ideal | speedup | patched/ideal |"
+        if graph:
+            head += " patched+graph | graph speedup | graph/ideal |"
         if dev:
             head += " device: unpatched | patched | ideal | speedup | patched/ideal |"
+            if graph:
+                head += " patched+graph | graph speedup | graph/ideal |"
         out.append(head)
         out.append("|" + " --- |" * (head.count("|") - 1))
         for r in rows:
             w = r[what]
             line = (f"| {r['batch']} | {r['keep']}/{r['visual_tokens']} | {_ms(w['unpatched'])} | {_ms(w['patched'])} | "
                     f"{_ms(w['ideal'])} | {_x(r.get(f'{what}_speedup'))} | {_r(r.get(f'{what}_patched_over_ideal'))} |")
+            if graph:
+                line += (f" {_ms(w.get('patched_graph'))} | {_x(r.get(f'{what}_graph_speedup'))} | "
+                         f"{_r(r.get(f'{what}_graph_over_ideal'))} |")
             if dev:
                 d = r.get(f"{what}_device") or {}
                 line += (f" {_ms(d.get('unpatched'), False)} | {_ms(d.get('patched'), False)} | "
                          f"{_ms(d.get('ideal'), False)} | {_x(r.get(f'{what}_device_speedup'))} | "
                          f"{_r(r.get(f'{what}_device_patched_over_ideal'))} |")
+                if graph:
+                    line += (f" {_ms(d.get('patched_graph'), False)} | {_x(r.get(f'{what}_device_graph_speedup'))} | "
+                             f"{_r(r.get(f'{what}_device_graph_over_ideal'))} |")
             out.append(line)
         out.append("")
     out.append(checks_line(result))
@@ -701,6 +768,8 @@ def checks_line(result: Dict[str, Any]) -> str:
     return ("checks: keep=all tokens identical to unpatched " + count("tokens_identical_to_unpatched")
             + "; first token = argmax of the ideal on the kept rows " + count("first_token_matches_staged")
             + (f" (max |logit diff| {max(diffs):.3g})" if diffs else "")
+            + ("; patched+graph prefill = eager patch bit for bit " + count("graph_prefill_bit_identical_to_patched")
+               if any("graph_prefill_bit_identical_to_patched" in r["checks"] for r in rows) else "")
             + f"; unpatch exact {'yes' if exact and unpatch else 'NO'}")
 
 
@@ -713,6 +782,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-len", type=int, default=64, help="text tokens per prompt (default 64)")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 32; --tiny: 3)")
     parser.add_argument("--no-generate", action="store_true", help="prefill only")
+    parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                        help="leave out the patched+graph prefill variant (VisualPruning(cuda_graph=True))")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved timed rounds of the prefill variants (default 15; --quick 8; --tiny 2)")
     parser.add_argument("--gen-rounds", type=int, default=None,
