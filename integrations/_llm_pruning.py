@@ -667,7 +667,10 @@ class LLMPruner:
     def _run_graph(self, call: CallScratch, key: Any, args: tuple, kwargs: Dict[str, Any], cache: Any) -> torch.Tensor:
         """Replay (capturing first if ``key`` is new) layers K..N-1 on ``args``/``kwargs``, write their K/V
         into ``cache`` as the eager layers would, and return the final hidden state [B, L', D] (a copy:
-        the next replay overwrites the graph's own output)."""
+        the next replay overwrites the graph's own output).
+
+        The graphs of one model share a memory pool, so one graph's replay may reuse memory holding
+        another graph's outputs: outputs are read only right after their own replay, never later."""
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._capture(args, kwargs)

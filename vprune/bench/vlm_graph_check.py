@@ -12,7 +12,8 @@ unpatched model. Prints one line per check (``bit-identical``, or the largest di
 FAIL; exits 1 on FAIL. A check passes when the tokens are the same and the logits / cache differ by
 at most ``TOLERANCE[dtype]`` (they are expected to be bit-identical: the same kernels on the same
 inputs). It also counts the host syncs torch reports between decoder layer K and the end of a
-replayed prefill (expected 0).
+prefill, eager patch vs replayed graph: the graph must add none (both have the one deliberate sync of
+the deferred NaN check of fastv scores at the end of the forward).
 """
 from __future__ import annotations
 
@@ -141,6 +142,7 @@ def check(device: torch.device, dtype: torch.dtype, standin: bool = False,
     results: List[bool] = []
     with vprune.patched(model, vprune.VisualPruning(keep=KEEP, layer=LAYER, strategy="fastv")):
         eager = run_all(model, inputs)
+        eager_syncs = syncs_after_layer(model, inputs[0], LAYER)
     pruner = graph_patch(KEEP)
     try:
         graph = run_all(model, inputs)
@@ -158,10 +160,10 @@ def check(device: torch.device, dtype: torch.dtype, standin: bool = False,
     results.append(pruned and used)
     log(f"{'PASS' if pruned and used else 'FAIL'} {dtype} graphs used: {st['cuda_graph']} (pruned: {pruned}; "
         f"freed on unpatch: {not pruner.graphs})")
-    if syncs is not None:
-        results.append(syncs == 0)
-        log(f"{'PASS' if syncs == 0 else 'FAIL'} {dtype} host syncs from layer {LAYER} to the end of a replayed "
-            f"prefill: {syncs}")
+    if syncs is not None and eager_syncs is not None:
+        results.append(syncs <= eager_syncs)
+        log(f"{'PASS' if syncs <= eager_syncs else 'FAIL'} {dtype} host syncs from layer {LAYER} to the end of a "
+            f"prefill: replayed graph {syncs}, eager patch {eager_syncs}")
 
     plain = run_all(model, inputs[:1])
     graph_patch(n_img)
