@@ -617,7 +617,8 @@ class LLMPruner:
             except _NotKeyable as exc:
                 key, reason = None, f"a decoder-layer argument of type {exc} that a graph cannot be keyed on"
             else:
-                reason = self._graph_refusal(cache) if key is not None else "positional decoder-layer arguments"
+                reason = (self._graph_refusal(cache) if key is not None else
+                          "decoder-layer arguments other than (hidden_states, **keywords)")
             if reason is not None:
                 call.graph = f"eager: {reason}"
                 self._warn_graph_once(reason)
