@@ -74,9 +74,12 @@ def key_norm_scores(k: torch.Tensor) -> torch.Tensor:
 def cosine_gram(x: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine similarity cos(x_i, x_j): [B, N, D] -> [B, N, N] fp32 (x_i / max(||x_i||, 1e-12)
     as ``F.normalize``, then one batched matmul)."""
-    x = x.float()
+    if x.dtype != torch.float32:
+        x = x.float()
     # F.normalize(x, dim=-1) without its Python wrappers: the same ops
     xn = x / torch.linalg.vector_norm(x, 2, -1, keepdim=True).clamp_min(1e-12)
+    if xn.dim() == 3:  # bmm is what matmul runs for [B, N, D] x [B, D, N], without its ~6 view calls
+        return torch.bmm(xn, xn.transpose(1, 2))
     return torch.matmul(xn, xn.transpose(-1, -2))
 
 

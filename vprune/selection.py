@@ -19,7 +19,7 @@ device to synchronise with on the CPU; other devices (and traced regions) keep t
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -263,31 +263,40 @@ def dual_select_host(semantic: torch.Tensor, action: torch.Tensor, embeddings: t
         return np.asarray(unions, dtype=np.int64)
     gram = cosine_gram(embeddings).numpy()
     out = np.empty((b, k), dtype=np.int64)
-    one = np.float32(1.0)
     for r, idx in enumerate(unions):
         if len(idx) == k:
             out[r] = idx
             continue
         first = max(idx, key=sem[r].__getitem__)  # the first maximum: the lowest index among equals
-        g = gram[r]
-        if np.isnan(g).any():  # the torch loop's literal steps (NaN handling)
-            cand = np.zeros(n, dtype=bool)
-            cand[idx] = True
-            out[r] = _greedy_numpy_literal(one - g, k, cand, first)
-            continue
-        ia = np.asarray(idx)
-        d = one - g[ia[:, None], ia]  # the same fp32 1 - cos as cosine_distance, candidates only
-        j = idx.index(first)
-        picks = [j]
-        min_dist = d[j].copy()
-        min_dist[j] = -np.inf
-        for _ in range(k - 1):
-            j = int(min_dist.argmax())
-            np.minimum(min_dist, d[j], out=min_dist)
-            min_dist[j] = -np.inf
-            picks.append(j)
-        out[r] = np.sort(ia[picks])
+        out[r] = _cut_union(gram[r], idx, first, k)
     return out
+
+
+def _cut_union(gram: np.ndarray, idx: List[int], first: int, k: int) -> np.ndarray:
+    """The greedy max-min cut of one row's union ``idx`` (ascending token indices, more than k) to k
+    tokens, starting from token ``first``: int64 [k] ascending, the torch loop's picks.
+
+    gram: the row's fp32 cosine similarities [N, N]. The loop runs on the union's distances ``1 - cos``
+    (fp32, as ``cosine_distance``) with -inf on the diagonal, so the running minimum marks each pick
+    itself: two NumPy calls a step (argmax takes the first maximum: ties to the lower index). NaN
+    distances between union tokens take the torch loop's literal steps (NaN elsewhere never reaches
+    a union token's running minimum)."""
+    ia = np.asarray(idx)
+    d = np.float32(1.0) - gram[ia[:, None], ia]  # the same fp32 1 - cos as cosine_distance
+    total = float(d.sum())
+    if total != total:  # NaN (inf - inf cannot occur: |1 - cos| <= 2 or NaN)
+        cand = np.zeros(gram.shape[0], dtype=bool)
+        cand[ia] = True
+        return _greedy_numpy_literal(np.float32(1.0) - gram, k, cand, first)
+    np.fill_diagonal(d, -np.inf)
+    j = idx.index(first)
+    picks = [j]
+    min_dist = d[j].copy()
+    for _ in range(k - 1):
+        j = int(min_dist.argmax())
+        np.minimum(min_dist, d[j], out=min_dist)
+        picks.append(j)
+    return np.sort(ia[picks])
 
 
 def select_tokens(strategy: str, k: int, *, scores: Optional[torch.Tensor] = None,
