@@ -319,9 +319,9 @@ def _row_plan(attn: Any, geometry: Tuple[int, int, int, float]) -> Optional[_Row
 def _plan_row_scores(plan: _RowPlan, h_row: torch.Tensor, cos_r: torch.Tensor, sin_r: torch.Tensor,
                      k: torch.Tensor) -> torch.Tensor:
     """``_row_scores`` without a mask through a ``_RowPlan``: the same ops on the same values (fp32
-    CPU tensors: h_row [B, 1, D], cos/sin rows [B|1, 1, Dh], k [B, Hkv, T, Dh]) -> [B, T]."""
+    CPU tensors: h_row [B, 1, D] or [B, D], cos/sin rows [B|1, 1, Dh], k [B, Hkv, T, Dh]) -> [B, T]."""
     b = h_row.shape[0]
-    q = torch.mm(h_row.view(b, -1), plan.w_t).view(b, plan.n_heads, plan.head_dim)
+    q = torch.mm(h_row if h_row.dim() == 2 else h_row.view(b, -1), plan.w_t).view(b, plan.n_heads, plan.head_dim)
     q = q * cos_r + q.index_select(-1, plan.perm) * (sin_r * plan.signs)
     return _plan_attend(plan, q, k)
 
@@ -348,7 +348,8 @@ def _plan_rows_scores(plan: _RowPlan, jobs: Sequence[Tuple[torch.Tensor, ...]]) 
     b = jobs[0][0].shape[0]
     n_heads, head_dim = plan.n_heads, plan.head_dim
     w_t = plan.w_t
-    q = torch.cat([torch.mm(job[0].view(b, -1), w_t) for job in jobs]).view(len(jobs) * b, n_heads, head_dim)
+    q = torch.cat([torch.mm(job[0] if job[0].dim() == 2 else job[0].view(b, -1), w_t) for job in jobs])
+    q = q.view(len(jobs) * b, n_heads, head_dim)
     cos = torch.cat([job[1] if job[1].shape[0] == b else job[1].expand(b, -1, -1) for job in jobs])
     sin = torch.cat([job[2] if job[2].shape[0] == b else job[2].expand(b, -1, -1) for job in jobs])
     q = q * cos + q.index_select(-1, plan.perm) * (sin * plan.signs)
@@ -430,13 +431,18 @@ def _visual_scores(probs: torch.Tensor, kept: Optional[torch.Tensor], n: int) ->
     return full
 
 
-def _zero_unkept(total: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def _zero_unkept(total: torch.Tensor, kept: Any, fresh: bool = False) -> torch.Tensor:
     """``total`` [B, N] with 0 for every token outside ``kept`` [B, M]: ALGORITHMS.md section 1, "tokens
     pruned at a step contribute 0". Needed when the action layer is below K: the pruned tokens are
     still keys there and get attention. Applied once to the step's sum of rows (the same numbers as
-    zeroing each row: kept columns add up in the same order, pruned ones are 0 either way)."""
-    if isinstance(kept, tuple):  # (kept, complement) of one row, from the host selection: one op
-        return total.index_fill(1, kept[1], 0.0)
+    zeroing each row: kept columns add up in the same order, pruned ones are 0 either way). kept may
+    be ``(kept, complement)`` of one row (the complement as NumPy int64); fresh: ``total`` is a
+    tensor only the caller holds, which may be zeroed in place."""
+    if isinstance(kept, tuple):  # (kept, complement NumPy int64) of one row, from the host selection
+        if fresh and total.is_cpu and not total.requires_grad:  # ``total`` is ours: zero it in place
+            total.numpy()[:, kept[1]] = 0.0                      # (one NumPy call instead of a torch op)
+            return total
+        return total.index_fill(1, torch.from_numpy(kept[1]), 0.0)
     full = torch.zeros_like(total)
     full.scatter_(1, kept, total.gather(1, kept))
     return full
@@ -448,23 +454,24 @@ def _score_decode_rows(total: Optional[torch.Tensor], rows: List[Tuple[Any, ...]
     ``_RowPlan`` job: plan, h_row, cos_r, sin_r, k) when it was scored together with them (else
     None). Under no_grad: scores are never differentiated, and the kept tensors may be inference
     tensors of an earlier ``torch.inference_mode()`` call."""
-    extra_scores = None
-    if rows:
+    if rows and torch.is_grad_enabled():
         with torch.no_grad():
-            plan = _common_plan(rows, extra)
-            if plan is not None:  # every row through one plan: RoPE once for all of them
-                jobs = [rec[2:6] for rec in rows] + ([extra[1:]] if extra is not None else [])
-                probs = _plan_rows_scores(plan, jobs)
-                for rec, p in zip(rows, probs):
-                    vis = _visual_scores(p, rec[7], rec[8])
-                    total = vis if total is None else total + vis
-                if extra is not None:
-                    extra_scores = probs[-1]
-            else:
-                for rec in rows:
-                    vis = _score_decode_row(rec)
-                    total = vis if total is None else total + vis
-    return total, extra_scores
+            return _score_decode_rows(total, rows, extra)
+    if not rows:
+        return total, None
+    plan = _common_plan(rows, extra)
+    if plan is None:
+        for rec in rows:
+            vis = _score_decode_row(rec)
+            total = vis if total is None else total + vis
+        return total, None
+    # every row through one plan: RoPE once for all of them
+    jobs = [rec[2:6] for rec in rows] + ([extra[1:]] if extra is not None else [])
+    probs = _plan_rows_scores(plan, jobs)
+    for rec, p in zip(rows, probs):
+        vis = _visual_scores(p, rec[7], rec[8])
+        total = vis if total is None else total + vis
+    return total, (probs[-1] if extra is not None else None)
 
 
 def _common_plan(rows: List[Tuple[Any, ...]], extra: Optional[Tuple[Any, ...]]) -> Optional[_RowPlan]:
@@ -501,7 +508,7 @@ class _Runtime:
     mm_mask: Optional[torch.Tensor] = None        # [B, L] bool, real (non-pad) tokens
     semantic: Optional[torch.Tensor] = None       # [B, N]
     kept_visual: Optional[torch.Tensor] = None    # [B, M] ascending, None when unpruned
-    unkept: Optional[torch.Tensor] = None         # [N - M] the pruned visual tokens (batch 1, host path)
+    unkept: Optional[np.ndarray] = None           # int64 [N - M] the pruned visual tokens (batch 1, host path)
     keep_seq: Optional[torch.Tensor] = None       # [B, L'] kept positions of the prefill sequence
     scored_sum: Optional[torch.Tensor] = None     # [B, N] sum of the action rows scored so far
     action_rows: int = 0                          # action rows this control step (scored or pending)
@@ -608,10 +615,12 @@ class _Runtime:
         total, rows, pending, zero = self.stashed
         self.stashed = None
         total, extra_scores = _score_decode_rows(total, pending, extra)
-        if total is not None and zero is not None:
-            total = _zero_unkept(total, zero)
         if total is not None:
-            self.history.record(total / (_scalar(float(rows)) if total.device.type == "cpu" else rows))
+            # the mean, then the pruned tokens' zeros: the same bits as zeroing first (0 / rows = 0)
+            mean = total / (_scalar(float(rows)) if total.device.type == "cpu" else rows)
+            if zero is not None:
+                mean = _zero_unkept(mean, zero, fresh=True)
+            self.history.record(mean)
         return extra_scores
 
 
@@ -1028,9 +1037,9 @@ class OpenVLAIntegration(Integration):
         if self._slice_mask(kwargs, rows, length) is not None:
             return None
         cos, sin = _compat.rope_cos_sin(attn, hidden, kwargs)
-        h_row, cos_r = hidden[:, rows], cos[:, rows]
-        plan = _row_plan(attn, geometry) if _plannable(h_row, cos_r, k) else None
-        return None if plan is None else (plan, h_row, cos_r, sin[:, rows], k)
+        plan = _row_plan(attn, geometry) if _plannable(hidden, cos, k) else None
+        # the row as [B, D] (one view op; the plan's matmul takes it as it is)
+        return None if plan is None else (plan, hidden.select(1, row), cos[:, rows], sin[:, rows], k)
 
     @staticmethod
     def _slice_mask(kwargs: dict, rows: slice, key_len: int) -> Optional[torch.Tensor]:
@@ -1154,7 +1163,7 @@ class OpenVLAIntegration(Integration):
                 if b == 1 and rt.action_layer < rt.layer:  # the pruned ones, for the action score's zeros
                     pruned = np.ones(n, dtype=bool)
                     pruned[host[0]] = False
-                    rt.unkept = torch.from_numpy(np.flatnonzero(pruned))
+                    rt.unkept = np.flatnonzero(pruned)
             else:
                 picks = []
                 for i, m in enumerate(budgets):

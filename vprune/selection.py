@@ -41,8 +41,9 @@ def _in_traced_region() -> bool:
 
 def _host_path(*tensors: torch.Tensor) -> bool:
     """Whether to run selection in NumPy: every tensor is a plain fp32 CPU tensor and nothing traces."""
-    for t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.float32:
+    f32 = torch.float32
+    for t in tensors:  # is_cpu / dtype identity: no device objects (a few us each inside a policy step)
+        if not t.is_cpu or t.dtype is not f32:
             return False
     return not _is_compiling()
 
@@ -288,7 +289,7 @@ def _cut_union(gram: np.ndarray, idx: List[int], first: int, k: int) -> np.ndarr
         cand = np.zeros(gram.shape[0], dtype=bool)
         cand[ia] = True
         return _greedy_numpy_literal(np.float32(1.0) - gram, k, cand, first)
-    np.fill_diagonal(d, -np.inf)
+    d.ravel()[:: len(idx) + 1] = -np.inf  # the diagonal (d is a fresh C-contiguous U x U array)
     j = idx.index(first)
     picks = [j]
     min_dist = d[j].copy()

@@ -111,8 +111,10 @@ class ActionHistory:
         if scores.dim() != 2:
             raise ValueError(f"action scores must be [B, N], got shape {tuple(scores.shape)}")
         b, n = scores.shape
-        self._ensure(b, n, scores.device)
-        new = (scores if scores.dtype == torch.float32 and not scores.requires_grad
+        held = self.scores
+        if held is None or held.shape[0] != b or held.shape[2] != n or not (held.is_cpu and scores.is_cpu):
+            self._ensure(b, n, scores.device)  # (a CPU history needs no device check: none of its cost)
+        new = (scores if scores.dtype is torch.float32 and not scores.requires_grad
                else scores.detach().float()).unsqueeze(1)
         self.scores = torch.cat([new, self.scores[:, : self.window - 1]], dim=1)
         self.recorded = [min(r + 1, self.window) for r in self.recorded]
@@ -125,9 +127,11 @@ class ActionHistory:
         w = self._weights_on
         if w is None or w.device != self.scores.device:
             w = self._weights_on = self.weights.to(self.scores.device)
-        # [w] @ [B, w, N]: the weighted sum over the window (one op; einsum took several; the same
+        # [w] @ [B, w, N]: the weighted sum over the window, as the bmm that matmul runs for it
+        # ([B, 1, w] x [B, w, N]) without matmul's view calls (einsum took several more ops; the same
         # fp32 values in tests/test_temporal.py)
-        return torch.matmul(w, self.scores)
+        b, window, n = self.scores.shape
+        return torch.bmm(w.view(1, 1, window).expand(b, 1, window), self.scores).view(b, n)
 
     def has_history(self) -> Optional[torch.Tensor]:
         """bool [B]: rows with at least one recorded step (None before anything was recorded)."""
