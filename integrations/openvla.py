@@ -320,40 +320,45 @@ def _plan_row_scores(plan: _RowPlan, h_row: torch.Tensor, cos_r: torch.Tensor, s
                      k: torch.Tensor) -> torch.Tensor:
     """``_row_scores`` without a mask through a ``_RowPlan``: the same ops on the same values (fp32
     CPU tensors: h_row [B, 1, D] or [B, D], cos/sin rows [B|1, 1, Dh], k [B, Hkv, T, Dh]) -> [B, T]."""
-    b = h_row.shape[0]
-    q = torch.mm(h_row if h_row.dim() == 2 else h_row.view(b, -1), plan.w_t).view(b, plan.n_heads, plan.head_dim)
-    q = q * cos_r + q.index_select(-1, plan.perm) * (sin_r * plan.signs)
-    return _plan_attend(plan, q, k)
-
-
-def _plan_attend(plan: _RowPlan, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The rest of ``_row_scores`` for post-RoPE queries q [B, H, Dh] over k [B, Hkv, T, Dh]: GQA heads
-    repeated (a copy), fp32 q k^T * scale, softmax, head mean as sum then division -> [B, T]."""
-    b, n_heads, d = q.shape
-    bk, _, t, _ = k.shape
-    if plan.head_map is not None:
-        k = k.index_select(1, plan.head_map)
-    logits = torch.bmm(q.view(b * n_heads, 1, d), k.reshape(bk * n_heads, t, d).transpose(1, 2))
-    logits.mul_(plan.scale)
-    return torch.softmax(logits, dim=-1).view(b, n_heads, t).sum(dim=1).div_(plan.heads)
+    return _plan_rows_scores(plan, ((h_row, cos_r, sin_r, k),))[0]
 
 
 def _plan_rows_scores(plan: _RowPlan, jobs: Sequence[Tuple[torch.Tensor, ...]]) -> List[torch.Tensor]:
-    """``_plan_row_scores`` of several rows (h_row, cos_r, sin_r, k) of one attention module, each
-    [B, T_i]. Each row keeps its own q_proj matmul and attention (their results depend on the shapes),
-    while RoPE, elementwise and exact whatever the layout, runs once on the rows stacked: 11 ops for
-    3 rows instead of 18 (a control step scores 3 rows on the testbed)."""
-    if len(jobs) == 1:
-        return [_plan_row_scores(plan, *jobs[0])]
+    """``_row_scores`` without a mask for several rows (h_row, cos_r, sin_r, k) of one attention
+    module, each [B, T_i], with as few torch calls as the numbers allow (each costs 5-60 us on the
+    testbed CPU inside a policy step, a view call too). Each row keeps its own q_proj matmul (M = B)
+    and attention (their results depend on the shapes); RoPE, elementwise and exact whatever the
+    layout, runs once on the rows stacked (11 ops for 3 rows instead of 18; a control step scores 3
+    rows on the testbed); the stacked queries are split per row in one call."""
     b = jobs[0][0].shape[0]
     n_heads, head_dim = plan.n_heads, plan.head_dim
     w_t = plan.w_t
-    q = torch.cat([torch.mm(job[0] if job[0].dim() == 2 else job[0].view(b, -1), w_t) for job in jobs])
-    q = q.view(len(jobs) * b, n_heads, head_dim)
-    cos = torch.cat([job[1] if job[1].shape[0] == b else job[1].expand(b, -1, -1) for job in jobs])
-    sin = torch.cat([job[2] if job[2].shape[0] == b else job[2].expand(b, -1, -1) for job in jobs])
+    r = len(jobs)
+    if r == 1:
+        h_row, cos, sin, _ = jobs[0]
+        q = torch.mm(h_row if h_row.dim() == 2 else h_row.view(b, -1), w_t)
+    else:
+        q = torch.cat([torch.mm(job[0] if job[0].dim() == 2 else job[0].view(b, -1), w_t) for job in jobs])
+        cos = torch.cat([job[1] if job[1].shape[0] == b else job[1].expand(b, -1, -1) for job in jobs])
+        sin = torch.cat([job[2] if job[2].shape[0] == b else job[2].expand(b, -1, -1) for job in jobs])
+    q = q.view(r * b, n_heads, head_dim)  # cos / sin [R*B|1, 1, Dh] broadcast over the heads
     q = q * cos + q.index_select(-1, plan.perm) * (sin * plan.signs)
-    return [_plan_attend(plan, q[i * b:(i + 1) * b], job[3]) for i, job in enumerate(jobs)]
+    rows = q.view(r, b * n_heads, 1, head_dim).unbind(0)  # [B*H, 1, Dh] per row
+    return [_plan_attend(plan, q_row, job[3]) for q_row, job in zip(rows, jobs)]
+
+
+def _plan_attend(plan: _RowPlan, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The rest of ``_row_scores`` for post-RoPE queries q [B*H, 1, Dh] over k [B, Hkv, T, Dh]: GQA
+    heads repeated (a copy), fp32 q k^T * scale, softmax, head mean as sum then division -> [B, T]."""
+    bk, _, t, d = k.shape
+    n_heads = plan.n_heads
+    if plan.head_map is not None:  # a contiguous copy: viewed, not reshaped
+        k = k.index_select(1, plan.head_map).view(bk * n_heads, t, d)
+    else:
+        k = k.reshape(bk * n_heads, t, d)
+    logits = torch.bmm(q, k.transpose(1, 2))
+    logits.mul_(plan.scale)
+    return torch.softmax(logits, dim=-1).view(bk, n_heads, t).sum(dim=1).div_(plan.heads)
 
 
 def _plannable(h_row: torch.Tensor, cos_r: torch.Tensor, k: torch.Tensor) -> bool:
@@ -1254,7 +1259,7 @@ class OpenVLAIntegration(Integration):
                 hidden = kwargs["hidden_states"] if not args else args[0]
                 k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
                 mask = kwargs.get("attention_mask")
-                if k is not None and hidden.shape[1] == 1 and mask is None and k.device.type == "cpu":
+                if k is not None and hidden.shape[1] == 1 and mask is None and k.is_cpu:
                     geometry = geometry_of.get(id(module))
                     if geometry is None:
                         geometry = geometry_of[id(module)] = _compat.attention_geometry(module)

@@ -57,7 +57,7 @@ class ActionHistory:
         self.scores: Optional[torch.Tensor] = None  # [B, w, N] fp32, newest first
         self.steps: List[int] = []                  # per row: control steps started since reset
         self.recorded: List[int] = []               # per row: recorded steps held (at most w)
-        self._weights_on: Optional[torch.Tensor] = None  # ``weights`` on the scores' device
+        self._weights_on: Optional[torch.Tensor] = None  # ``weights`` [B, 1, w] on the scores' device
 
     # ----------------------------------------------------------------------------------- shape
     @property
@@ -124,14 +124,14 @@ class ActionHistory:
         None before anything was recorded. Rows with nothing recorded are all zero (see ``has_history``)."""
         if self.scores is None:
             return None
-        w = self._weights_on
-        if w is None or w.device != self.scores.device:
-            w = self._weights_on = self.weights.to(self.scores.device)
+        b, window, n = self.scores.shape
+        w = self._weights_on  # the weights as [B, 1, w] on the scores' device, cached
+        if w is None or w.shape[0] != b or not (w.is_cpu and self.scores.is_cpu or w.device == self.scores.device):
+            w = self._weights_on = self.weights.to(self.scores.device).view(1, 1, window).expand(b, 1, window)
         # [w] @ [B, w, N]: the weighted sum over the window, as the bmm that matmul runs for it
         # ([B, 1, w] x [B, w, N]) without matmul's view calls (einsum took several more ops; the same
         # fp32 values in tests/test_temporal.py)
-        b, window, n = self.scores.shape
-        return torch.bmm(w.view(1, 1, window).expand(b, 1, window), self.scores).view(b, n)
+        return torch.bmm(w, self.scores).view(b, n)
 
     def has_history(self) -> Optional[torch.Tensor]:
         """bool [B]: rows with at least one recorded step (None before anything was recorded)."""
