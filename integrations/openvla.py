@@ -131,11 +131,12 @@ def default_action_layer(depth: int) -> int:
     return (depth - 1) // 2
 
 
-def _gather_seq(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
-    """Gather along ``dim`` with per-row indices ``idx`` [B, L'] (x's batch dim may be 1: broadcast)."""
+def _gather_seq(x: torch.Tensor, idx: torch.Tensor, dim: int, row: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gather along ``dim`` with per-row indices ``idx`` [B, L'] (x's batch dim may be 1: broadcast).
+    row: ``idx[0]`` when the caller has it (batch 1: saves the select op)."""
     b = idx.shape[0]
     if b == 1 and x.shape[0] == 1:  # one row: one index_select (the same values, fewer ops)
-        return x.index_select(dim, idx[0])
+        return x.index_select(dim, idx[0] if row is None else row)
     if x.shape[0] != b:
         x = x.expand(b, *x.shape[1:])
     shape = [1] * x.dim()
@@ -358,7 +359,10 @@ def _plan_attend(plan: _RowPlan, q: torch.Tensor, k: torch.Tensor) -> torch.Tens
         k = k.reshape(bk * n_heads, t, d)
     logits = torch.bmm(q, k.transpose(1, 2))
     logits.mul_(plan.scale)
-    return torch.softmax(logits, dim=-1).view(bk, n_heads, t).sum(dim=1).div_(plan.heads)
+    probs = torch.softmax(logits, dim=-1)  # [B*H, 1, T]
+    # the head sum; with B = 1, [H, 1, T] summed over dim 0 is [1, T] directly (the same reduction)
+    heads_sum = probs.sum(dim=0) if bk == 1 else probs.view(bk, n_heads, t).sum(dim=1)
+    return heads_sum.div_(plan.heads)
 
 
 def _plannable(h_row: torch.Tensor, cos_r: torch.Tensor, k: torch.Tensor) -> bool:
@@ -1212,9 +1216,11 @@ class OpenVLAIntegration(Integration):
         hidden = _compat.layer_hidden(args, kwargs)
         if rt.phase == "prefill":
             kw = dict(kwargs)
+            # batch 1: the one row of keep, taken once per call (every gather below reuses it)
+            row = rt.memo_get("keep_row", keep, lambda: keep[0]) if keep.shape[0] == 1 else None
             if hidden.shape[1] == length:
-                if hidden.device.type == "cpu" and keep.shape[0] == 1:  # one op instead of the kernel
-                    kept_hidden = hidden.index_select(1, keep[0])       # dispatcher's five (same rows)
+                if hidden.is_cpu and row is not None:    # one op instead of the kernel
+                    kept_hidden = hidden.index_select(1, row)  # dispatcher's five (same rows)
                 else:
                     kept_hidden = gather_rows(hidden, keep, 1)
                 args, kw = _compat.with_layer_hidden(args, kw, kept_hidden)
@@ -1224,14 +1230,16 @@ class OpenVLAIntegration(Integration):
             # every layer >= K gets the same position / mask objects: gather them once per call
             pid = kw.get("position_ids")
             if isinstance(pid, torch.Tensor) and pid.shape[-1] == length:
-                kw["position_ids"] = rt.memo_get("position_ids", pid, lambda: _gather_seq(pid.view(-1, length), keep, 1))
+                kw["position_ids"] = rt.memo_get("position_ids", pid, lambda: _gather_seq(
+                    pid if pid.dim() == 2 else pid.view(-1, length), keep, 1, row))
             pe = kw.get("position_embeddings")
             if isinstance(pe, (tuple, list)) and pe[0].shape[-2] == length:
                 kw["position_embeddings"] = rt.memo_get(
-                    "position_embeddings", pe, lambda: (_gather_seq(pe[0], keep, 1), _gather_seq(pe[1], keep, 1)))
+                    "position_embeddings", pe, lambda: (_gather_seq(pe[0], keep, 1, row), _gather_seq(pe[1], keep, 1, row)))
             cp = kw.get("cache_position")
             if isinstance(cp, torch.Tensor) and cp.dim() == 1 and cp.shape[0] == length:
-                kw["cache_position"] = rt.memo_get("cache_position", cp, lambda: cp.index_select(0, keep[0]))
+                kw["cache_position"] = rt.memo_get("cache_position", cp,
+                                                   lambda: cp.index_select(0, keep[0] if row is None else row))
             mask = kw.get("attention_mask")
             if isinstance(mask, torch.Tensor):
                 kw["attention_mask"] = rt.memo_get("attention_mask", mask,
@@ -1254,6 +1262,8 @@ class OpenVLAIntegration(Integration):
             if rt.phase not in ("prefill", "decode") or not rt.active or rt.visual_emb is None \
                     or not rt.needs_action:  # fastv, divprune, ...: no action scores to record
                 return None
+            if rt.semantic_row is not None and rt.phase == "prefill" and layer_idx == rt.layer - 1:
+                return None  # the semantic hook recorded this row (the same numbers)
             t0 = time.perf_counter()
             if rt.phase == "decode" and _FAST_PATHS:  # the common case first: keep what the row's score needs
                 hidden = kwargs["hidden_states"] if not args else args[0]

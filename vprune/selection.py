@@ -19,7 +19,7 @@ device to synchronise with on the CPU; other devices (and traced regions) keep t
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 import torch
@@ -273,9 +273,10 @@ def dual_select_host(semantic: torch.Tensor, action: torch.Tensor, embeddings: t
     return out
 
 
-def _cut_union(gram: np.ndarray, idx: List[int], first: int, k: int) -> np.ndarray:
+def _cut_union(gram: np.ndarray, idx: List[int], first: int, k: int) -> Any:
     """The greedy max-min cut of one row's union ``idx`` (ascending token indices, more than k) to k
-    tokens, starting from token ``first``: int64 [k] ascending, the torch loop's picks.
+    tokens, starting from token ``first``: k token indices ascending (a list, or an int64 array from
+    the NaN path), the torch loop's picks.
 
     gram: the row's fp32 cosine similarities [N, N]. The loop runs on the union's distances ``1 - cos``
     (fp32, as ``cosine_distance``) with -inf on the diagonal, so the running minimum marks each pick
@@ -297,7 +298,7 @@ def _cut_union(gram: np.ndarray, idx: List[int], first: int, k: int) -> np.ndarr
         j = int(min_dist.argmax())
         np.minimum(min_dist, d[j], out=min_dist)
         picks.append(j)
-    return np.sort(ia[picks])
+    return sorted([idx[p] for p in picks])  # plain Python on 16 ints: cheaper than two NumPy calls
 
 
 def select_tokens(strategy: str, k: int, *, scores: Optional[torch.Tensor] = None,
