@@ -153,3 +153,15 @@ def test_unpruned_closed_loop_success(policy, processor):
 
     res = rollout(policy, processor, range(10), batch=5)
     assert res["success_rate"] >= SUCCESS_BAR, res["episodes"]
+
+
+def test_keep_set_probe_measures_target_coverage(policy, processor):
+    """vla_probe reads the keep sets and the frames' patch contents: the budget is exact, coverages are
+    shares, and the prefill-mean semantic score keeps most of the target (the probe can tell configs apart)."""
+    from vprune.evaluation.vla_probe import _parse_config, probe_config
+
+    r = probe_config(policy, processor, [0, 1], _parse_config("dual:prefill_mean", 0.25, None), batch=2)
+    assert r["pruned_steps"] > 0 and r["tokens_kept"] == pytest.approx(0.25)
+    assert 0.0 <= r["gripper_patches_kept"] <= 1.0
+    assert r["target_patches_kept"] > 0.5
+    assert _parse_config("fastv", 0.5, 3) == {"keep": 0.5, "strategy": "fastv", "layer": 3}
