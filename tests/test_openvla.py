@@ -710,7 +710,9 @@ def test_fast_paths_keep_the_same_tokens_as_the_general_paths(monkeypatch, keep)
 
 
 def test_row_scores_equal_the_query_keys_path():
-    """The lean one-row scorer equals _query_keys + attention_row_scores bit for bit (GQA testbed LM)."""
+    """The lean one-row scorers (``_row_scores``, the cached-plan ``_plan_row_scores`` and several rows
+    at once through ``_plan_rows_scores``) equal _query_keys + attention_row_scores bit for bit (GQA
+    testbed LM)."""
     from vprune.integrations import openvla
     from vprune.scoring import attention_row_scores
 
@@ -729,7 +731,12 @@ def test_row_scores_equal_the_query_keys_path():
         assert geometry[0] != geometry[1]  # grouped-query attention
         row = openvla._row_scores(mod, geometry, hidden[:, -1:], cos[:, -1:], sin[:, -1:], k, None)
         got.append(torch.equal(row, want))
+        plan = openvla._row_plan(mod, geometry)  # the CPU fp32 plan: the same numbers
+        got.append(plan is not None and torch.equal(openvla._plan_row_scores(
+            plan, hidden[:, -1:], cos[:, -1:], sin[:, -1:], k), want))
+        jobs.append((plan, (hidden[:, -1], cos[:, -1:], sin[:, -1:], k), want))
 
+    jobs = []
     h = _layers(m)[1].self_attn.register_forward_hook(hook, with_kwargs=True)
     try:
         _greedy(m, ids, pix, 2)
@@ -737,6 +744,11 @@ def test_row_scores_equal_the_query_keys_path():
         h.remove()
         vprune.unpatch(m)
     assert got and all(got)
+    # the rows of a control step (prefill and decode rows: other key counts) scored together, with
+    # RoPE once on the stacked queries: each row's numbers unchanged
+    assert len(jobs) == 3 and jobs[0][0] is jobs[2][0]
+    together = openvla._plan_rows_scores(jobs[0][0], [job for _, job, _ in jobs])
+    assert all(torch.equal(a, want) for a, (_, _, want) in zip(together, jobs))
 
 
 def test_overhead_timers_in_stats_and_no_action_scoring_for_fastv():

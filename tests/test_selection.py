@@ -161,3 +161,20 @@ def test_host_path_declines_what_it_does_not_cover():
     sem, act = torch.arange(6.0)[None], torch.arange(6.0).flip(0)[None]
     from vprune.selection import _dual_select_torch
     assert torch.equal(dual_select(sem, act, nan_emb, 3), _dual_select_torch(sem, act, nan_emb, 3))
+
+
+@pytest.mark.parametrize("nan_token", [0, 3, 7])
+def test_host_cut_with_nan_embeddings_inside_or_outside_the_union(nan_token):
+    """The host cut checks NaN on the union's distances only: a NaN embedding outside the union
+    changes nothing (the torch loop masks it), inside the union the literal steps run; both equal
+    the torch path."""
+    from vprune.selection import _dual_select_torch, dual_select_host
+
+    gen = torch.Generator().manual_seed(nan_token)
+    sem = torch.tensor([[0.9, 0.8, 0.1, 0.7, 0.0, 0.2, 0.3, 0.05]])
+    act = torch.tensor([[0.0, 0.1, 0.9, 0.2, 0.8, 0.7, 0.05, 0.3]])
+    emb = torch.randn(1, 8, 4, generator=gen)
+    emb[0, nan_token] = float("nan")  # token 7 is in neither top-3 set
+    host = dual_select_host(sem, act, emb, 3)
+    assert host is not None
+    assert torch.equal(torch.from_numpy(host), _dual_select_torch(sem, act, emb, 3))

@@ -159,3 +159,16 @@ def test_smoothed_is_the_weighted_window_sum_and_counts_live_on_the_host():
     assert h.all_rows_recorded()
     h.reset(rows=[1])
     assert h.recorded == [3, 0] and not h.all_rows_recorded() and h.has_history().tolist() == [True, False]
+
+
+def test_smoothed_after_a_new_batch_size_rebuilds_its_cached_weights():
+    """smoothed() caches the weights as [B, 1, w]; a new episode with another batch size gets new ones."""
+    h = ActionHistory(window=3, decay=0.8, warmup=0)
+    torch.manual_seed(1)
+    for b in (2, 3, 1):
+        h.reset()
+        steps = [torch.rand(b, 4) for _ in range(2)]
+        for s in steps:
+            h.record(s)
+        want = torch.einsum("bwn,w->bn", torch.stack([steps[1], steps[0], torch.zeros(b, 4)], dim=1), h.weights)
+        assert torch.equal(h.smoothed(), want)
