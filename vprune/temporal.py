@@ -114,9 +114,9 @@ class ActionHistory:
         held = self.scores
         if held is None or held.shape[0] != b or held.shape[2] != n or not (held.is_cpu and scores.is_cpu):
             self._ensure(b, n, scores.device)  # (a CPU history needs no device check: none of its cost)
-        new = (scores if scores.dtype is torch.float32 and not scores.requires_grad
-               else scores.detach().float()).unsqueeze(1)
-        self.scores = torch.cat([new, self.scores[:, : self.window - 1]], dim=1)
+        new = scores if scores.dtype is torch.float32 and not scores.requires_grad else scores.detach().float()
+        # newest first: two calls (unbind, stack) where unsqueeze + slice + cat took three
+        self.scores = torch.stack((new, *self.scores.unbind(1)[: self.window - 1]), dim=1)
         self.recorded = [min(r + 1, self.window) for r in self.recorded]
 
     def smoothed(self) -> Optional[torch.Tensor]:
