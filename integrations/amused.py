@@ -29,8 +29,8 @@ full steps run everything as before, bit-identical, and record the caches below)
   ``[B, C, H, W]`` (the other tokens as last computed) and convolves that; a hook passes on only the
   computed rows;
 * each ConvNeXt ``channelwise_norm`` (``GlobalResponseNorm``): its ``forward`` is set on the
-  instance to :class:`RowGRN`, whose per-channel L2 norm over all tokens comes from a running sum of
-  squares (the other tokens' cached inputs);
+  instance to :class:`RowGRN`, whose per-channel L2 norm over all tokens is taken over a cached
+  input map with this step's rows written in (the other tokens as last computed);
 * the down/up ``attention_blocks``' ``attn1``/``attn2`` (both cross-attend to the text: no token
   mixing) get the text-K/V-once processor too.
 
@@ -147,7 +147,8 @@ def _kw(args: tuple, kwargs: dict, name: str, pos: int) -> Any:
 
 class RowGRN:
     """``GlobalResponseNorm.forward`` (set on the instance) whose per-channel L2 statistic covers
-    all ``N`` tokens on subset steps: the computed rows fresh, the others as last computed.
+    all ``N`` tokens on subset steps: the computed rows fresh, the others as last computed (the
+    same ``torch.norm`` reduction as the module's, over the cached rows with this step's written in).
 
     Input ``[B, n, w, C]`` channels last (``n * w`` tokens). Full steps run the module's own forward
     (bit-identical) and record the rows.
@@ -162,10 +163,10 @@ class RowGRN:
         rt, m = self.runtime, self.module
         if not rt.active:
             return type(m).forward(m, x)
-        total = rt.token_sumsq(self.key, x.reshape(x.shape[0], -1, x.shape[-1]))    # [B, C] float32
-        if rt.dev.idx is None:
+        gx = rt.token_norm(self.key, x.reshape(x.shape[0], -1, x.shape[-1]))     # [B, C], x's dtype
+        if gx is None:                                                           # full step
             return type(m).forward(m, x)
-        gx = total.clamp_min(0).sqrt().to(x.dtype)[:, None, None, :]
+        gx = gx[:, None, None, :]
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         return m.gamma * (x * nx) + m.beta + x
 
@@ -184,11 +185,11 @@ def _hook_depthwise(state: Any, rt: Any, conv: Any, key: Any) -> None:
     state.undo.add_hook(conv.register_forward_hook(post))
 
 
-def _gather_ids(model: Any, idx: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
+def _gather_ids(model: Any, rt: Any, args: tuple, kwargs: dict) -> tuple:
     """``input_ids`` ``[B, H, W]`` -> the computed rows as a ``[B, k, 1]`` "image": every module of
     ``UVit2DModel.forward`` then runs on ``k`` tokens."""
     ids = _input_ids(args, kwargs)
-    rows = ids.reshape(ids.shape[0], -1).gather(1, idx)[:, :, None]
+    rows = rt.take(ids.reshape(ids.shape[0], -1))[:, :, None]
     if args:
         return (rows,) + tuple(args[1:]), kwargs
     return args, dict(kwargs, input_ids=rows)

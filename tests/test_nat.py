@@ -126,7 +126,7 @@ def test_config_roundtrip():
 
 
 def test_row_caches_follow_the_computed_rows():
-    """full_map / token_sumsq / merge_rows / set_confidence (TokenIO path) against plain scatters."""
+    """full_map / token_norm / merge_rows / set_confidence (TokenIO path) against plain scatters."""
     torch.manual_seed(0)
     rt = nat.NATRuntime("reuse", refresh=100, n_layers=1)
     b, n, lab = 2, 16, [torch.tensor([1, 2])]
@@ -134,7 +134,7 @@ def test_row_caches_follow_the_computed_rows():
     rt.begin(torch.ones(b, n, dtype=torch.bool), lab)
     assert rt.build(torch.ones(b, n, dtype=torch.bool)).idx is None
     assert rt.full_map("dw", x) is x and rt.merge_rows("out", z) is z
-    torch.testing.assert_close(rt.token_sumsq("grn", y), y.square().sum(1))
+    assert rt.token_norm("grn", y) is None               # full step: the host computes it
     rt.set_confidence(c)
     rt.end()
     mask = torch.zeros(b, n, dtype=torch.bool)
@@ -155,7 +155,8 @@ def test_row_caches_follow_the_computed_rows():
     got_map = rt.full_map("dw", xr)
     assert torch.equal(got_map, want_map)
     assert torch.equal(rt.rows_of(got_map), xr.flatten(2))
-    torch.testing.assert_close(rt.token_sumsq("grn", yr), put(y, yr, 1).square().sum(1))
+    assert torch.equal(rt.token_norm("grn", yr), torch.norm(put(y, yr, 1), p=2, dim=1))
+    assert torch.equal(rt.take(y), y.gather(1, idx[:, :, None].expand(-1, -1, 5)))
     merged = rt.merge_rows("out", zr)
     assert torch.equal(merged, put(z, zr, 2))
     merged.zero_()                                     # the caller gets a copy
@@ -163,3 +164,39 @@ def test_row_caches_follow_the_computed_rows():
     rt.set_confidence(cr)
     assert torch.equal(rt.host.stream.conf, c.scatter(1, idx, cr))
     rt.end()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64])
+def test_flat_row_helpers_equal_gather_and_scatter(dtype):
+    """take_rows / put_rows on flat [B*N, ...] views == gather / scatter_ with an expanded index."""
+    g = torch.Generator().manual_seed(0)
+    for b, n, k, rest in [(3, 13, 5, (7,)), (2, 9, 9, (3, 5)), (5, 17, 1, ()), (1, 11, 4, (6,))]:
+        x = (torch.randn(b, n, *rest, generator=g) * 100).to(dtype)
+        idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(b)])   # unsorted, distinct
+        ix = idx.view(b, k, *([1] * len(rest))).expand(b, k, *rest)
+        flat = nat.flat_rows(idx, n)
+        assert flat.dtype == torch.int64 and flat.shape == (b * k,)
+        offsets = torch.arange(b)[:, None] * n
+        assert torch.equal(nat.flat_rows(idx, n, offsets), flat)
+        assert torch.equal(nat.take_rows(x, flat, idx), x.gather(1, ix))
+        assert torch.equal(nat.gather_rows(x, idx), x.gather(1, ix))
+        rows = (torch.randn(b, k, *rest, generator=g) * 100).to(dtype)
+        want = x.clone().scatter_(1, ix, rows)
+        cache = x.clone()
+        assert nat.put_rows(cache, flat, rows) is cache and torch.equal(cache, want)
+        if rest:     # strided views: rows of a transposed source, a cache without a flat view
+            xt = x.transpose(-1, 1).contiguous().transpose(-1, 1)
+            assert torch.equal(nat.take_rows(xt, flat, idx), x.gather(1, ix))
+            src = rows.transpose(0, 1).contiguous().transpose(0, 1)
+            cache = x.clone()
+            assert torch.equal(nat.put_rows(cache, flat, src), want)
+    # a K/V cache [B, H, N, D] kept token-major: written through its [B, N, H, D] view
+    kc = torch.randn(2, 6, 3, 4, generator=g)                      # [B, N, H, D] memory
+    view = kc.transpose(1, 2)                                       # [B, H, N, D]
+    idx = torch.tensor([[0, 4], [5, 1]])
+    new = torch.randn(2, 3, 2, 4, generator=g)                      # [B, H, k, D]
+    want = view.clone().scatter_(2, idx[:, None, :, None].expand(-1, 3, -1, 4), new)
+    nat.put_rows(view.transpose(1, 2), nat.flat_rows(idx, 6), new.transpose(1, 2))
+    assert torch.equal(view, want)
+    with pytest.raises(RuntimeError):    # no flat view: refuse rather than write into a copy
+        nat.put_rows(view, nat.flat_rows(idx, 3), new)

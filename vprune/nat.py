@@ -47,8 +47,14 @@ Whole-forward rows: an integration may pass a :class:`TokenIO` to :func:`install
 steps the host's whole forward runs on the ``k`` computed rows (its input cut to them, its output
 merged back over a cached one with :meth:`NATRuntime.merge_rows`), and token-mixing ops read full
 maps in which the non-computed tokens hold their values from when they were last computed
-(:meth:`NATRuntime.full_map` for convolutions, :meth:`NATRuntime.token_sumsq` for global
+(:meth:`NATRuntime.full_map` for convolutions, :meth:`NATRuntime.token_norm` for global
 per-channel statistics). Without it only the hooked blocks are shortened.
+
+Row bookkeeping: each subset step computes its flat row numbers ``b * N + idx`` once
+(:func:`flat_rows`, ``DevicePlan.flat``); every cache read is an ``index_select`` and every write an
+``index_copy_`` of whole rows on a ``[B * N, ...]`` view (K/V caches are token-major for that), never
+``gather`` / ``scatter_`` with an index expanded over the channels (an index per element: 2.3x
+slower for reads on an H100, ALGORITHMS.md section 6).
 
 Cost model (aMUSEd-256, 12 cosine steps; ``vprune.bench.nat.token_macs``): the 22 layers are ~87%
 of the per-token MACs. With the whole forward on rows (aMUSEd modes cache/reuse) the work computed
@@ -139,9 +145,51 @@ def disentangled_mask(q_idx: Optional[torch.Tensor], is_mask: torch.Tensor,
     return allowed[:, None]
 
 
+def flat_rows(idx: torch.Tensor, n: int, offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Flat row numbers ``b * n + idx[b, j]`` ``[B * k]`` (int64) of a ``[B, N, ...]`` tensor seen
+    as ``[B * N, ...]``: one index per row, so reads and writes are row copies (``index_select`` /
+    ``index_copy_``) instead of ``gather`` / ``scatter_`` with an index per element.
+
+    offsets: ``[B, 1]`` int64 ``arange(B) * n`` when the caller keeps it (saves a kernel per step).
+    """
+    if offsets is None:
+        offsets = torch.arange(idx.shape[0], device=idx.device, dtype=torch.int64)[:, None] * n
+    return (idx + offsets).reshape(-1)
+
+
+def _flat_view_ok(x: torch.Tensor) -> bool:
+    """Whether ``x`` ``[B, N, ...]`` can be viewed as ``[B * N, ...]`` without a copy."""
+    return x.shape[0] == 1 or x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
+
+
+def take_rows(x: torch.Tensor, flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``x[b, idx[b, j]]`` of ``x`` ``[B, N, *rest]`` -> ``[B, k, *rest]``.
+
+    ``index_select`` of the flat rows ``flat`` (:func:`flat_rows` of ``idx``) on the ``[B * N, *rest]``
+    view; an ``x`` without such a view (rare: batch stride not ``N`` rows) goes through
+    ``vprune.kernels.gather_rows``, which reads the strides directly.
+    """
+    b, k = idx.shape
+    if _flat_view_ok(x):
+        return x.flatten(0, 1).index_select(0, flat).view(b, k, *x.shape[2:])
+    from vprune.kernels import gather_rows as kernel_gather_rows
+    return kernel_gather_rows(x, idx, 1)
+
+
+def put_rows(cache: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Write ``rows`` ``[B, k, *rest]`` at the flat rows ``flat`` of ``cache`` ``[B, N, *rest]``
+    (``cache[b, idx[b, j]] = rows[b, j]``) in place with ``index_copy_``; returns ``cache``.
+
+    The cache must be viewable as ``[B * N, *rest]`` (the caches here are allocated so); a view
+    that would need a copy raises instead of writing into the copy.
+    """
+    cache.view(-1, *cache.shape[2:]).index_copy_(0, flat, rows.flatten(0, 1))
+    return cache
+
+
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x[b, idx[b, j]]`` for ``x`` ``[B, N, C]`` and ``idx`` ``[B, k]`` -> ``[B, k, C]``."""
-    return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
+    return take_rows(x, flat_rows(idx, x.shape[1]), idx)
 
 
 _FP_WEIGHTS: Dict[Tuple[int, str], torch.Tensor] = {}
@@ -182,6 +230,7 @@ class NATStream:
     prev_mask: torch.Tensor                 # [B, N] bool, the previous call's mask
     revkey: torch.Tensor                    # [B, N] int64, masked count when revealed (-1: masked)
     conf: torch.Tensor                      # [B, N] float32, confidence of the last output (reuse)
+    offsets: torch.Tensor                   # [B, 1] int64, b * N: row b's first flat row
     kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     extra: Dict[Any, Any] = field(default_factory=dict)   # integration caches (e.g. text K/V)
     out: Optional[torch.Tensor] = None      # [B, N, C] output of the last hooked block
@@ -210,20 +259,22 @@ class DevicePlan:
     idx: Optional[torch.Tensor]             # [B, k] positions computed, None = all
     attn_mask: Optional[torch.Tensor]       # [B, 1, q, N] bool or None
     is_mask: torch.Tensor
+    flat: Optional[torch.Tensor] = None     # [B * k] int64 b * N + idx: rows of [B * N, ...] views
 
 
 @dataclass
 class TokenIO:
     """How an integration runs a whole forward on the rows computed this step (modes cache/reuse).
 
-    gather(model, idx, args, kwargs) -> (args, kwargs): the forward's inputs cut to the rows
-        ``idx`` ``[B, k]``; the host forward then runs unchanged on them, its token-mixing modules
-        reading full maps through :meth:`NATRuntime.full_map` / :meth:`NATRuntime.token_sumsq`.
+    gather(model, runtime, args, kwargs) -> (args, kwargs): the forward's inputs cut to the rows
+        computed this step (``runtime.take(x)``: ``[B, N, ...]`` -> ``[B, k, ...]``); the host
+        forward then runs unchanged on them, its token-mixing modules reading full maps through
+        :meth:`NATRuntime.full_map` / :meth:`NATRuntime.token_norm`.
     merge(model, runtime, out) -> out: the output of all ``N`` tokens again, usually
         :meth:`NATRuntime.merge_rows` (computed rows fresh, the rest as last computed).
     """
 
-    gather: Callable[[Any, torch.Tensor, tuple, dict], Tuple[tuple, dict]]
+    gather: Callable[[Any, "NATRuntime", tuple, dict], Tuple[tuple, dict]]
     merge: Callable[[Any, "NATRuntime", Any], Any]
 
 
@@ -323,7 +374,8 @@ class NATRuntime:
             sid=self._next_sid(), sig=sig,
             prev_mask=torch.ones(b, n, dtype=torch.bool, device=device),
             revkey=torch.full((b, n), -1, dtype=torch.long, device=device),
-            conf=torch.zeros(b, n, dtype=torch.float32, device=device))
+            conf=torch.zeros(b, n, dtype=torch.float32, device=device),
+            offsets=torch.arange(b, dtype=torch.int64, device=device)[:, None] * n)
         self.streams.append(s)
         return s
 
@@ -349,11 +401,12 @@ class NATRuntime:
             else:
                 score = (new | mask).float()
             idx = select_tokens(score, hp.k)
+            flat = flat_rows(idx, hp.n, s.offsets)
         else:
-            idx = None
+            idx = flat = None
         attn_mask = disentangled_mask(idx, is_mask, s.revkey) if self.mode == "disentangle" else None
         s.prev_mask.copy_(is_mask)
-        self.dev = DevicePlan(idx=idx, attn_mask=attn_mask, is_mask=is_mask)
+        self.dev = DevicePlan(idx=idx, attn_mask=attn_mask, is_mask=is_mask, flat=flat)
         return self.dev
 
     # -- hooks' work -------------------------------------------------------------------------
@@ -365,33 +418,40 @@ class NATRuntime:
         """Stack input ``[B, N, C]`` -> the rows computed this step ``[B, k, C]``."""
         if not self.active or self.dev.idx is None:
             return x
-        return gather_rows(x, self.dev.idx)
+        return take_rows(x, self.dev.flat, self.dev.idx)
 
     def scatter_output(self, y: torch.Tensor) -> torch.Tensor:
-        """Stack output rows ``[B, k, C]`` -> ``[B, N, C]``, the rest from the output cache."""
+        """Stack output rows ``[B, k, C]`` -> ``[B, N, C]``, the rest from the output cache.
+
+        Subset steps return a copy of the cache: the host continues on the result, and an in-place
+        op of the host on it would otherwise corrupt the cache.
+        """
         if not self.active:
             return y
         s = self.host.stream
         if self.dev.idx is None:
             if s.out is None or s.out.shape != y.shape or s.out.dtype != y.dtype:
-                s.out = y.detach().clone()
+                s.out = y.detach().clone(memory_format=torch.contiguous_format)
             else:
                 s.out.copy_(y.detach())
             return y
         if s.out is None:
             raise RuntimeError("vprune NAT: a subset step ran before any full step filled the cache")
-        s.out.scatter_(1, self.dev.idx[:, :, None].expand(-1, -1, y.shape[-1]), y.detach())
-        return s.out.clone()
+        return put_rows(s.out, self.dev.flat, y.detach()).clone()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                math_scale: Optional[float] = None) -> torch.Tensor:
         """Self-attention of the computed rows against all ``N`` positions, via the K/V cache.
 
         q, k, v: ``[B, H, q, D]`` for the rows computed this step (``q = N`` on full steps).
-        Writes k/v into the layer's cache ``[B, H, N, D]`` and returns ``[B, H, q, D]``. On full steps
-        of modes cache/reuse it computes attention exactly as the unpatched block does
-        (bit-identical): SDPA, or with ``math_scale`` the explicit ``softmax(q*scale @ k^T) @ v``
-        of hosts whose fused attention is switched off.
+        Writes k/v into the layer's cache and returns ``[B, H, q, D]``. On full steps of modes
+        cache/reuse it computes attention exactly as the unpatched block does (bit-identical):
+        SDPA, or with ``math_scale`` the explicit ``softmax(q*scale @ k^T) @ v`` of hosts whose
+        fused attention is switched off.
+
+        The cache is token-major (``[B, N, H, D]`` memory, handed to SDPA as a ``[B, H, N, D]``
+        view, the layout of a host that splits heads from ``[B, N, H*D]`` projections): a step's
+        write is one ``index_copy_`` of ``B*k`` contiguous ``H*D`` rows.
         """
         if not self.active:
             return _sdpa(q, k, v, None, math_scale)
@@ -401,7 +461,7 @@ class NATRuntime:
         if idx is None:
             cache = s.kv.get(layer)
             if cache is None or cache[0].shape != k.shape or cache[0].dtype != k.dtype:
-                s.kv[layer] = (k.detach().clone(), v.detach().clone())
+                s.kv[layer] = (_token_major_copy(k), _token_major_copy(v))
             else:
                 cache[0].copy_(k.detach())
                 cache[1].copy_(v.detach())
@@ -410,9 +470,8 @@ class NATRuntime:
         if cache is None:
             raise RuntimeError(f"vprune NAT: no K/V cache for layer {layer} (no full step ran first)")
         kc, vc = cache
-        ix = idx[:, None, :, None].expand(-1, kc.shape[1], -1, kc.shape[-1])
-        kc.scatter_(2, ix, k.detach())
-        vc.scatter_(2, ix, v.detach())
+        put_rows(kc.transpose(1, 2), self.dev.flat, k.detach().transpose(1, 2))
+        put_rows(vc.transpose(1, 2), self.dev.flat, v.detach().transpose(1, 2))
         return _sdpa(q, kc, vc, mask, math_scale)
 
     def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
@@ -444,9 +503,15 @@ class NATRuntime:
         if conf.shape[1] == s.conf.shape[1]:
             s.conf.copy_(conf)
         else:
-            s.conf.scatter_(1, self.dev.idx, conf)
+            put_rows(s.conf, self.dev.flat, conf)
 
     # -- row caches of a forward cut to the computed rows (TokenIO) ----------------------------
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, N, ...]`` -> the rows computed this step ``[B, k, ...]`` (``x`` on full steps)."""
+        if not self.active or self.dev.idx is None:
+            return x
+        return take_rows(x, self.dev.flat, self.dev.idx)
+
     def full_map(self, key: Any, x: torch.Tensor) -> torch.Tensor:
         """Input of a token-mixing op (e.g. a depthwise convolution), channels first.
 
@@ -463,7 +528,7 @@ class NATRuntime:
         if idx is None:
             _store(s.extra, key, x.movedim(1, -1))
             return x
-        return _scatter_rows(_need(s.extra, key), idx, x)
+        return _scatter_rows(_need(s.extra, key), self.dev.flat, x)
 
     def rows_of(self, y: torch.Tensor) -> torch.Tensor:
         """``[B, C, *grid]`` -> the computed rows ``[B, C, k]`` (all ``N`` on full steps); a view with
@@ -472,35 +537,35 @@ class NATRuntime:
         flat = y.reshape(b, c, -1)
         if not self.active or self.dev.idx is None:
             return flat
-        rows = flat.transpose(1, 2).gather(1, self.dev.idx[:, :, None].expand(-1, -1, c))
-        return rows.transpose(1, 2)
+        return take_rows(flat.transpose(1, 2), self.dev.flat, self.dev.idx).transpose(1, 2)
 
-    def token_sumsq(self, key: Any, x: torch.Tensor) -> torch.Tensor:
-        """Per-channel sum of squares over all ``N`` tokens, ``[B, C]`` float32.
+    def token_norm(self, key: Any, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-channel L2 norm over all ``N`` tokens, ``[B, C]`` in ``x``'s dtype (subset steps).
 
-        x: ``[B, N, C]`` on full steps (recorded, the sum computed afresh) or the computed rows
-        ``[B, k, C]`` on subset steps: the sum is updated by the rows' change since they were last
-        computed, so non-computed tokens count with their cached values (the cached ``[B, N, C]``
-        rows are kept in ``x``'s dtype).
+        x: ``[B, N, C]`` on full steps (recorded; returns None: the host's own op computes the
+        statistic over the whole ``x``) or the computed rows ``[B, k, C]`` on subset steps: they are
+        written into the record, and the norm is taken over the record (non-computed tokens count
+        with their values from when they were last computed). This is the reduction the host's
+        ``torch.norm`` runs (float32 accumulation), one read of the record: cheaper than updating a
+        running sum of squares by the rows' change, whose float32 temporaries of the fresh and the
+        replaced rows move ~50 bytes per row element at fp16 against 2 per record element here
+        (break-even near ``k = N / 25``); and it does not drift across steps.
         """
         s = self.host.stream
-        idx = self.dev.idx
-        if idx is None:
+        if self.dev.idx is None:
             _store(s.extra, (key, "rows"), x)
-            return _store(s.extra, (key, "sumsq"), x.detach().float().square().sum(1))
-        rows, total = _need(s.extra, (key, "rows")), _need(s.extra, (key, "sumsq"))
-        ix = idx[:, :, None].expand(-1, -1, rows.shape[-1])
-        x = x.detach()
-        total.add_((x.float().square() - rows.gather(1, ix).float().square()).sum(1))
-        rows.scatter_(1, ix, x)
-        return total
+            return None
+        rows = put_rows(_need(s.extra, (key, "rows")), self.dev.flat, x.detach())
+        return torch.linalg.vector_norm(rows, ord=2, dim=1)
 
     def merge_rows(self, key: Any, y: torch.Tensor) -> torch.Tensor:
         """Output ``[B, C, *grid]`` of all tokens from this step's rows (subset steps: ``[B, C, k, ...]``).
 
         Full steps record ``y`` and return it; subset steps write the rows into the record and return
         a copy of it (the record itself while a CUDA graph is being captured: the replay wrapper
-        copies). The record is token-major like :meth:`full_map`'s; so is the returned map's layout.
+        copies). The copy is the one full-size copy of a subset step, and needed: the caller keeps
+        the result while the next call writes the record. The record is token-major like
+        :meth:`full_map`'s; so is the returned map's layout.
         """
         if not self.active:
             return y
@@ -509,7 +574,7 @@ class NATRuntime:
         if idx is None:
             _store(s.extra, key, y.movedim(1, -1))
             return y
-        out = _scatter_rows(_need(s.extra, key), idx, y)
+        out = _scatter_rows(_need(s.extra, key), self.dev.flat, y)
         if out.is_cuda and torch.cuda.is_current_stream_capturing():
             return out
         return out.clone()
@@ -656,7 +721,7 @@ def install(model: Any, state: Any, config: Any, *, blocks: Sequence[Any], tag: 
             tio = runtime.io      # read from the runtime: the subclass (and this closure) is shared
             try:
                 if tio is not None and dev.idx is not None:
-                    a, k = tio.gather(self, dev.idx, a, k)
+                    a, k = tio.gather(self, runtime, a, k)
                 out = original_forward(self, *a, **k)
                 if runtime.mode == "reuse":
                     runtime.set_confidence(conf_fn(self, out))
@@ -729,13 +794,20 @@ def _store(extra: Dict[Any, Any], key: Any, value: torch.Tensor) -> torch.Tensor
     return extra[key]
 
 
-def _scatter_rows(cache: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Write rows ``x`` ``[B, C, k, ...]`` at token positions ``idx`` ``[B, k]`` into the token-major
+def _scatter_rows(cache: torch.Tensor, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Write rows ``x`` ``[B, C, k, ...]`` at the flat rows ``flat`` ``[B * k]`` into the token-major
     record ``cache`` ``[B, *grid, C]``; returns the record as ``[B, C, *grid]`` (channels-last view)."""
     b, c = x.shape[:2]
     rows = x.detach().reshape(b, c, -1).transpose(1, 2)               # [B, k, C]
-    cache.view(b, -1, c).scatter_(1, idx[:, :, None].expand(-1, -1, c), rows)
+    put_rows(cache.view(b, -1, c), flat, rows)
     return cache.movedim(-1, 1)
+
+
+def _token_major_copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``t`` ``[B, H, N, D]`` whose memory is ``[B, N, H, D]`` (rows contiguous)."""
+    b, h, n, d = t.shape
+    out = torch.empty(b, n, h, d, dtype=t.dtype, device=t.device).transpose(1, 2)
+    return out.copy_(t.detach())
 
 
 def _need(extra: Dict[Any, Any], key: Any) -> torch.Tensor:
