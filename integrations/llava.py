@@ -16,7 +16,7 @@ from vprune.config import TechniqueConfig, VisualPruning
 from vprune.errors import IncompatibleModelError, MissingInputsError, NoTargetsError
 
 from . import _compat
-from ._llm_pruning import ROW_MODES, VLM_STRATEGIES, LLMPruner, VPruneWarning, groups_from_mask
+from ._llm_pruning import ROW_MODES, VLM_STRATEGIES, LLMPruner, VPruneWarning, groups_from_mask, host_copies
 from .registry import Integration
 
 
@@ -223,10 +223,14 @@ class VLMIntegration(Integration):
                               device=ref.device if ref is not None else None, cache_len=cache_len)
             return
         groups = None
+        attention_mask = inputs.get("attention_mask")
         visual_inputs = self.has_visual_inputs(inputs)
         if cache_len == 0 or visual_inputs:
-            vis = self.visual_mask(model, input_ids)
-            n_visual = int(vis.sum())  # one host sync per prefill
+            # the one device->host copy of a prefill (ids and mask together): everything after it is
+            # planned on the host, and the plan's index tensors go back in one non-blocking copy
+            ids, attention_mask = host_copies(input_ids, attention_mask)
+            vis = self.visual_mask(model, ids)
+            n_visual = int(vis.sum())
             if n_visual == 0:
                 if visual_inputs and cache_len == 0:
                     raise MissingInputsError(
@@ -238,9 +242,9 @@ class VLMIntegration(Integration):
                         f"{type(model).__name__}: input_ids hold {n_visual} image tokens but no pixel_values were "
                         f"given, so the vision tower did not run; pruning the placeholder embeddings",
                         VPruneWarning, stacklevel=4)
-                groups = groups_from_mask(vis, split=self.split_size(model, inputs, n_visual), token_ids=input_ids)
+                groups = groups_from_mask(vis, split=self.split_size(model, inputs, n_visual), token_ids=ids)
         pruner.begin_call(groups, batch=input_ids.shape[0], seq_len=input_ids.shape[1], device=input_ids.device,
-                          attention_mask=inputs.get("attention_mask"), cache_len=cache_len)
+                          attention_mask=attention_mask, cache_len=cache_len)
 
     def reset(self, model: Any, state: Any) -> None:
         """A new request: forget the pruned-prefill record (the next call with an empty cache sets it)."""
