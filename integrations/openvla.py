@@ -44,10 +44,14 @@ tests/test_openvla.py): without padding the scoring rows are plain slices and ne
 the action layer is K-1 the semantic row is also the first action row and is scored once; a decode
 step on the CPU only keeps what its row's score needs (the layer's input row, its RoPE row, the keys
 the cache holds then: a DynamicCache appends new tensors), and the rows are scored at the next step's
-semantic scoring, right before the history update and the selection; ``dual`` selection runs in NumPy / Python. On the testbed CPU each small
-torch op costs 15-60 us inside a policy step, so these cut vprune's own time per step from ~5 ms to
-~1.7 ms (``vprune eval vla``). ``vprune.stats(model)["overhead_ms"]`` gives the last control step's
-host time in vprune's code by part (scoring, selection, other).
+semantic scoring, right before the history update and the selection; rows of one attention module
+are scored through a cached ``_RowPlan`` (no per-call lookups) with RoPE applied once to the stacked
+rows (each row keeps its own matmuls and softmax: those results depend on the shapes), and the
+deferred rows are summed, averaged and zeroed in NumPy; ``dual`` selection runs in NumPy / Python.
+On the testbed CPU each small torch op (a view too) costs 5-60 us inside a policy step, so these cut
+vprune's own time per step from ~5 ms to ~1.2 ms (``vprune eval vla``; scoring + selection ~0.9-1.0
+ms of it). ``vprune.stats(model)["overhead_ms"]`` gives the last control step's host time in vprune's
+code by part (scoring, selection, other).
 
 Warm-up: the first ``warmup`` (default ``history``) control steps of an episode run unpruned but still
 record action scores. With a batch, rows are separate environments: history and warm-up are per row;
@@ -458,44 +462,79 @@ def _zero_unkept(total: torch.Tensor, kept: Any, fresh: bool = False) -> torch.T
 
 
 def _score_decode_rows(total: Optional[torch.Tensor], rows: List[Tuple[Any, ...]],
-                       extra: Optional[Tuple[Any, ...]] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                       extra: Optional[Tuple[Any, ...]] = None, host: bool = False) -> Tuple[Any, Optional[torch.Tensor]]:
     """``total`` plus the scores of ``rows``, in order, and the scores [B, T] of ``extra`` (a
     ``_RowPlan`` job: plan, h_row, cos_r, sin_r, k) when it was scored together with them (else
-    None). Under no_grad: scores are never differentiated, and the kept tensors may be inference
+    None). host: when every row goes through one plan, sum the rows' visual columns in NumPy and
+    return the total as a NumPy array (fp32 adds round as torch's; a NumPy call costs a few us where
+    a small torch op costs 10-60 us inside a policy step, and the step's selection runs NumPy
+    anyway). Under no_grad: scores are never differentiated, and the kept tensors may be inference
     tensors of an earlier ``torch.inference_mode()`` call."""
     if rows and torch.is_grad_enabled():
         with torch.no_grad():
-            return _score_decode_rows(total, rows, extra)
+            return _score_decode_rows(total, rows, extra, host)
     if not rows:
         return total, None
-    plan = _common_plan(rows, extra)
+    plan, with_extra = _common_plan(rows, extra)
     if plan is None:
         for rec in rows:
             vis = _score_decode_row(rec)
             total = vis if total is None else total + vis
         return total, None
-    # every row through one plan: RoPE once for all of them
-    jobs = [rec[2:6] for rec in rows] + ([extra[1:]] if extra is not None else [])
+    # every row through one plan: RoPE once for all of them (and this step's semantic row)
+    jobs = [rec[2:6] for rec in rows] + ([extra[1:]] if with_extra else [])
     probs = _plan_rows_scores(plan, jobs)
-    for rec, p in zip(rows, probs):
-        vis = _visual_scores(p, rec[7], rec[8])
-        total = vis if total is None else total + vis
-    return total, (probs[-1] if extra is not None else None)
+    if host and (total is None or (total.is_cpu and total.dtype is torch.float32 and not total.requires_grad)):
+        total = None if total is None else total.numpy()
+        for rec, p in zip(rows, probs):
+            vis = _visual_host(p.numpy(), rec[7], rec[8])
+            total = vis if total is None else total + vis
+    else:
+        for rec, p in zip(rows, probs):
+            vis = _visual_scores(p, rec[7], rec[8])
+            total = vis if total is None else total + vis
+    return total, (probs[-1] if with_extra else None)
 
 
-def _common_plan(rows: List[Tuple[Any, ...]], extra: Optional[Tuple[Any, ...]]) -> Optional[_RowPlan]:
-    """The ``_RowPlan`` every decode row (and ``extra``, when given) can be scored through together:
-    no mask row, plannable tensors, one attention module, one batch size; else None."""
-    plan = None if extra is None else extra[0]
-    b = None if extra is None else extra[1].shape[0]
+def _visual_host(probs: np.ndarray, kept: Optional[torch.Tensor], n: int) -> np.ndarray:
+    """``_visual_scores`` of a NumPy row ``probs`` [B, T]: [B, N] (kept: [B, M] or None)."""
+    if kept is None:
+        return probs[:, VISUAL_START:VISUAL_START + n]
+    kept = kept.numpy()
+    b, m = kept.shape
+    full = np.zeros((b, n), dtype=probs.dtype)
+    full[np.arange(b)[:, None], kept] = probs[:, VISUAL_START:VISUAL_START + m]
+    return full
+
+
+def _mean_zeroed_host(total: np.ndarray, rows: int, zero: Any) -> torch.Tensor:
+    """The step's mean action row from a NumPy total [B, N]: ``total / rows`` (the same fp32 division
+    as the tensor path), then 0 for the tokens pruned at the step (``_zero_unkept``'s numbers)."""
+    mean = total / np.float32(rows)  # a fresh array: zeroed in place
+    if isinstance(zero, tuple):
+        mean[:, zero[1]] = 0.0
+    elif zero is not None:
+        kept = zero.numpy()
+        at = np.arange(mean.shape[0])[:, None]
+        full = np.zeros_like(mean)
+        full[at, kept] = mean[at, kept]
+        mean = full
+    return torch.from_numpy(mean)
+
+
+def _common_plan(rows: List[Tuple[Any, ...]], extra: Optional[Tuple[Any, ...]]) -> Tuple[Optional[_RowPlan], bool]:
+    """The ``_RowPlan`` every decode row can be scored through together (no mask row, plannable
+    tensors, one attention module, one batch size), else None; and whether ``extra`` (a job) joins
+    them (the same plan and batch size: the semantic layer is the action layer)."""
+    plan, b = None, None
     for attn, geometry, h_row, cos_r, _, k, mask_row, _, _ in rows:
         if mask_row is not None or not _plannable(h_row, cos_r, k) or (b is not None and h_row.shape[0] != b):
-            return None
+            return None, False
         row_plan = _row_plan(attn, geometry)
         if row_plan is None or (plan is not None and row_plan is not plan):
-            return None
+            return None, False
         plan, b = row_plan, h_row.shape[0]
-    return plan
+    return plan, extra is not None and extra[0] is plan and extra[1].shape[0] == b
 
 
 @dataclass
@@ -623,8 +662,10 @@ class _Runtime:
             return None
         total, rows, pending, zero = self.stashed
         self.stashed = None
-        total, extra_scores = _score_decode_rows(total, pending, extra)
-        if total is not None:
+        total, extra_scores = _score_decode_rows(total, pending, extra, host=True)
+        if isinstance(total, np.ndarray):
+            self.history.record(_mean_zeroed_host(total, rows, zero))
+        elif total is not None:
             # the mean, then the pruned tokens' zeros: the same bits as zeroing first (0 / rows = 0)
             mean = total / (_scalar(float(rows)) if total.device.type == "cpu" else rows)
             if zero is not None:

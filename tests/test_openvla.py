@@ -767,3 +767,34 @@ def test_overhead_timers_in_stats_and_no_action_scoring_for_fastv():
     rt = _runtime(m)
     assert rt.history.scores is None and vprune.stats(m)["per_sample"][0]["pruned"]
     vprune.unpatch(m)
+
+
+@pytest.mark.parametrize("layer,action_layer", [(1, 2), (2, 1), (2, 3)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fast_paths_match_the_general_paths_for_any_action_layer(monkeypatch, layer, action_layer, batch):
+    """The CPU fast paths (plan-batched rows, NumPy sums of the deferred decode rows, NumPy
+    selection) against the general code on the testbed LM for action layers below, at and above K
+    (pruned tokens' columns scattered back, or zeroed) and batch 1 / 2: the same keep sets, tokens
+    and history bits over several control steps."""
+    from vprune.integrations import openvla
+
+    def run(fast):
+        monkeypatch.setattr(openvla, "_FAST_PATHS", fast)
+        m = _testbed(seed=5)
+        vprune.patch(m, vprune.VisualPruning(keep=0.25, layer=layer, action_layer=action_layer, warmup=1))
+        rec = []
+        try:
+            for step in range(4):
+                ids, pix = T.inputs(seed=30 + step, batch=batch)
+                act = _act(m, ids, pix)
+                st = vprune.stats(m)
+                hist = _runtime(m).history.scores
+                rec.append(([s["kept_indices"] for s in st["per_sample"]], act.tolist(),
+                            None if hist is None else hist.numpy().tobytes()))
+        finally:
+            vprune.unpatch(m)
+        return rec
+
+    fast, general = run(True), run(False)
+    assert fast == general
+    assert fast[-1][2] is not None
