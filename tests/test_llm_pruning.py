@@ -4,6 +4,7 @@ a plain Llama stack (the OpenVLA layout: visual tokens right after BOS)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import List
 
 import pytest
 import torch
@@ -337,3 +338,135 @@ def test_deferred_nan_check_raises_at_the_end_and_selects_the_same(monkeypatch):
                 m(**inp)
     hook.remove()
     assert layers_run, "the error came before the last layer ran: the check was not deferred"
+
+
+# ------------------------------------------------------------------ host planning, one transfer
+class _OnDevice(torch.Tensor):
+    """A CPU tensor standing in for a CUDA one: it says it is on cuda:0, and every read that would
+    copy it to the host (a device sync on a GPU) is recorded in ``reads`` and returns plain CPU data.
+    Other ops keep the subclass, so a value computed from it and read later is recorded too."""
+
+    reads: List[str] = []
+    HOST_READS = {"cpu", "item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+                  "__array__", "__repr__", "__format__", "argwhere", "unique", "masked_select"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func == torch.Tensor.device.__get__:
+            return torch.device("cuda", 0)
+        name = getattr(func, "__name__", "")
+        if name in cls.HOST_READS or (name == "to" and _to_cpu(args[1:], kwargs)):
+            cls.reads.append(name)
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **kwargs)
+                return out.as_subclass(torch.Tensor) if isinstance(out, torch.Tensor) else out
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _to_cpu(args: tuple, kwargs: dict) -> bool:
+    """Whether ``Tensor.to(*args, **kwargs)`` names the CPU as its target."""
+    targets = list(args) + [kwargs.get("device")]
+    return any((isinstance(t, torch.device) and t.type == "cpu") or (isinstance(t, str) and t.startswith("cpu"))
+               for t in targets)
+
+
+def _as_device_inputs(inp: dict) -> dict:
+    return {k: v.as_subclass(_OnDevice) if isinstance(v, torch.Tensor) else v for k, v in inp.items()}
+
+
+class _FilledCache:
+    """A KV cache holding ``n`` tokens, as a decode step sees it."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.n
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen"])
+def test_prefill_planning_copies_the_inputs_to_the_host_once(kind, monkeypatch):
+    """The planning of a prefill reads its device inputs once (ids and mask in one copy; a second read
+    would be a second sync on a GPU), plans from host tensors only, and sends the plan to the device
+    in one packed copy whose views equal the plan made from CPU inputs. A decode step reads nothing."""
+    m, inp, _, _ = _host(kind, 0)
+    uploads: List[list] = []
+
+    def packed_to_device(tensors, device):
+        assert not any(isinstance(t, _OnDevice) for t in tensors), "the plan was computed from device tensors"
+        uploads.append(list(tensors))
+        return lp._packed_copy(tensors, torch.device("cpu"), pin=False)
+
+    with vprune.patched(m, keep=0.25, layer=2):
+        st = m._vprune
+        pruner = st.runtime
+        st.integration.begin_call(m, pruner, dict(inp))
+        want = pruner.call.plan
+        pruner.end_call(failed=True)
+
+        monkeypatch.setattr(lp, "to_device", packed_to_device)
+        _OnDevice.reads = []
+        st.integration.begin_call(m, pruner, _as_device_inputs(inp))
+        got = pruner.call.plan
+        pruner.end_call(failed=True)
+        assert _OnDevice.reads == ["cpu"], f"device->host reads in the planning: {_OnDevice.reads}"
+        assert len(uploads) == 1
+        for name in ("visual", "score_rows", "row_weights", "key_valid"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert [(b.n, b.k) for b in got.buckets] == [(b.n, b.k) for b in want.buckets]
+        for a, b in zip(got.buckets, want.buckets):
+            assert torch.equal(a.rows, b.rows) and torch.equal(a.positions, b.positions)
+        assert (got.budgets, got.valid_len, got.keep_len) == (want.budgets, want.valid_len, want.keep_len)
+
+        _OnDevice.reads = []
+        step = {"input_ids": inp["input_ids"][:, -1:], "attention_mask": inp["attention_mask"],
+                "past_key_values": _FilledCache(inp["input_ids"].shape[1])}
+        st.integration.begin_call(m, pruner, _as_device_inputs(step))
+        pruner.end_call()
+        assert _OnDevice.reads == [], f"device->host reads in a decode step: {_OnDevice.reads}"
+        assert len(uploads) == 1
+
+
+def test_the_read_counter_sees_the_syncs_it_must_catch():
+    """The stand-in records the usual ways a device value reaches the host (else the test above could
+    pass with a sync in the planning)."""
+    t = torch.tensor([[1, 0, 1]]).as_subclass(_OnDevice)
+    _OnDevice.reads = []
+    int(t.sum()), bool(t.any()), t.tolist(), t.to("cpu"), torch.nonzero(t), t.numpy(), t[0, 0].item()
+    assert _OnDevice.reads == ["__int__", "__bool__", "tolist", "to", "nonzero", "numpy", "item"]
+    assert t.device.type == "cuda" and isinstance(t.cpu(), torch.Tensor) and not isinstance(t.cpu(), _OnDevice)
+
+
+def test_packed_copy_returns_equal_contiguous_aligned_views():
+    parts = [torch.rand(3, 5) > 0.5, None, torch.arange(7).view(1, 7), torch.rand(2, 1).expand(2, 3),
+             torch.zeros(0, 4, dtype=torch.long), torch.tensor([[1.5], [0.0]], dtype=torch.float32)]
+    out, host = lp._packed_copy(parts, torch.device("cpu"), pin=False)
+    assert out[1] is None
+    base = host.data_ptr()
+    for a, b in zip(parts, out):
+        if a is None:
+            continue
+        assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b) and b.is_contiguous()
+        assert (b.data_ptr() - base) % lp.PACK_ALIGN == 0
+    assert lp.to_device(parts, "cpu")[0] == parts  # the CPU needs no copy
+
+
+def test_pruning_through_packed_plan_tensors_is_bit_identical(monkeypatch):
+    """A prefill and its decode steps with the plan's tensors as views of one packed buffer (what a
+    device gets) give the same logits and keep sets as with separate tensors."""
+    m, inp, _, _ = _host("llava", 4)
+
+    def run():
+        with vprune.patched(m, keep=0.25, layer=2):
+            with torch.no_grad():
+                gen = m.generate(**inp, max_new_tokens=3, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, suppress_tokens=[LLAVA_IMAGE_TOKEN])
+            return gen, vprune.stats(m)["kept_indices"]
+
+    ref, ref_kept = run()
+    monkeypatch.setattr(lp, "to_device", lambda ts, device: lp._packed_copy(ts, torch.device("cpu"), pin=False))
+    got, kept = run()
+    assert kept == ref_kept and torch.equal(got.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, ref.logits))
