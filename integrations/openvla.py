@@ -300,9 +300,9 @@ class _RowPlan:
 _PLANS: Dict[int, Tuple[Any, Optional[_RowPlan]]] = {}
 
 
-def _row_plan(attn: Any, geometry: Tuple[int, int, int, float]) -> Optional[_RowPlan]:
+def _row_plan(attn: Any, geometry: Optional[Tuple[int, int, int, float]] = None) -> Optional[_RowPlan]:
     """The cached ``_RowPlan`` of ``attn`` (None: not a plain fp32 CPU ``nn.Linear`` q_proj: use
-    ``_row_scores``)."""
+    ``_row_scores``). geometry: ``attention_geometry(attn)`` if the caller has it (read on a miss)."""
     hit = _PLANS.get(id(attn))
     if hit is not None and hit[0]() is attn:
         plan = hit[1]
@@ -311,7 +311,7 @@ def _row_plan(attn: Any, geometry: Tuple[int, int, int, float]) -> Optional[_Row
     proj = attn._modules.get("q_proj")
     plan = None
     if type(proj) is torch.nn.Linear and proj.weight.dtype == torch.float32 and proj.weight.device.type == "cpu":
-        plan = _RowPlan(proj, geometry)
+        plan = _RowPlan(proj, geometry if geometry is not None else _compat.attention_geometry(attn))
         if not plan.valid_for(attn):
             plan = None
     if len(_PLANS) > 256:  # dead entries of unloaded models
@@ -1077,9 +1077,6 @@ class OpenVLAIntegration(Integration):
         k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
         if k is None or not _FAST_PATHS:
             return None
-        geometry = self._geometry.get(attn)
-        if geometry is None:
-            geometry = self._geometry[attn] = _compat.attention_geometry(attn)
         hidden = _compat.layer_hidden(args, kwargs)
         rows = slice(row, row + 1)
         if k.shape[-2] != length:
@@ -1087,7 +1084,7 @@ class OpenVLAIntegration(Integration):
         if self._slice_mask(kwargs, rows, length) is not None:
             return None
         cos, sin = _compat.rope_cos_sin(attn, hidden, kwargs)
-        plan = _row_plan(attn, geometry) if _plannable(hidden, cos, k) else None
+        plan = _row_plan(attn) if _plannable(hidden, cos, k) else None
         # the row as [B, D] (one view op; the plan's matmul takes it as it is)
         return None if plan is None else (plan, hidden.select(1, row), cos[:, rows], sin[:, rows], k)
 
@@ -1198,7 +1195,7 @@ class OpenVLAIntegration(Integration):
             if action is None:
                 action = semantic
             elif rt.history.all_rows_recorded():  # known on the host: no where() needed
-                if action.device != semantic.device:
+                if not (action.is_cpu and semantic.is_cpu) and action.device != semantic.device:
                     action = action.to(semantic.device)
             else:
                 has = rt.history.has_history()
