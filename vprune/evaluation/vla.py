@@ -28,24 +28,41 @@ def _parse_list(text: str, cast: Any) -> List[Any]:
     return [cast(t) for t in text.split(",") if t.strip()]
 
 
+def strategy_kwargs(spec: str) -> Dict[str, Any]:
+    """"dual" or "dual:prefill_mean" (strategy[:semantic score]) -> ``vprune.patch`` keyword arguments."""
+    name, sep, semantic = spec.partition(":")
+    if not name or (sep and not semantic):
+        raise ValueError(f"strategy {spec!r}: expected a strategy name, optionally ':' and a semantic score "
+                         "(e.g. dual or dual:prefill_mean)")
+    kw: Dict[str, Any] = {"strategy": name}
+    if semantic:
+        kw["semantic"] = semantic
+    return kw
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--episodes", type=int, default=50, help="seeded episodes per configuration (default 50)")
     p.add_argument("--keeps", default="1.0,0.5,0.25,0.125", help="keep fractions (default 1.0,0.5,0.25,0.125)")
     p.add_argument("--strategies", default="random,fastv,divprune,dual",
-                   help="selection strategies (default random,fastv,divprune,dual)")
+                   help="selection strategies, each optionally with ':' and a semantic score, e.g. "
+                        "dual:prefill_mean (default random,fastv,divprune,dual)")
     p.add_argument("--batch", type=int, default=10, help="environments stepped together (default 10)")
     p.add_argument("--seed", type=int, default=0, help="first episode seed (default 0)")
     p.add_argument("--layer", type=int, default=None, help="pruning layer K (default: the integration's)")
     p.add_argument("--overhead-episodes", type=int, default=3,
                    help="batch-1 episodes of dual at 25%% timed for the overhead check (0: skip)")
+    p.add_argument("--overhead-strategy", default="dual",
+                   help="the dual variant timed for the overhead check (default dual; e.g. dual:prefill_mean)")
     p.add_argument("--plot", default="vprune_eval_vla.png", help="where to write the plot")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def measure_overhead(policy: Any, processor: Any, seeds: List[int], layer: Optional[int]) -> Dict[str, Any]:
-    """Batch 1, dual at 25%: vprune's own time per pruned step, and pruned vs unpruned step time.
+def measure_overhead(policy: Any, processor: Any, seeds: List[int], layer: Optional[int],
+                     spec: str = "dual") -> Dict[str, Any]:
+    """Batch 1, ``spec`` (dual or dual:<semantic>) at 25%: vprune's own time per pruned step, and pruned
+    vs unpruned step time.
 
     vprune's time is read from ``vprune.stats(policy)["overhead_ms"]`` after every step: host time
     (perf_counter) the integration spends in its own code, by part: "scoring" (attention rows at the
@@ -60,7 +77,7 @@ def measure_overhead(policy: Any, processor: Any, seeds: List[int], layer: Optio
     import vprune
     from vprune.demo import run_config, Progress
 
-    kw: Dict[str, Any] = {"keep": 0.25, "strategy": "dual"}
+    kw: Dict[str, Any] = {"keep": 0.25, **strategy_kwargs(spec)}
     if layer is not None:
         kw["layer"] = layer
     warmup = None
@@ -91,6 +108,7 @@ def measure_overhead(policy: Any, processor: Any, seeds: List[int], layer: Optio
     base_ms = float(np.mean(base_lat)) * 1e3 if base_lat else None
     return {
         "measured": bool(lat) and "total" in parts,
+        "strategy": spec,
         "threads": torch.get_num_threads(),
         "pruned_steps": len(lat),
         "pruned_step_ms": pruned_ms,
@@ -134,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     keeps = sorted(_parse_list(args.keeps, float), reverse=True)
     strategies = _parse_list(args.strategies, str)
+    for spec in strategies + [args.overhead_strategy]:
+        vprune.VisualPruning(**strategy_kwargs(spec))  # bad specs fail before any episode runs
     policy, processor = load_policy(), load_processor()
     seeds = list(range(args.seed, args.seed + args.episodes))
     pruned_keeps = [k for k in keeps if k < 1.0]
@@ -154,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     layer_used = None
     for s in strategies:
         for k in pruned_keeps:
-            kw: Dict[str, Any] = {"keep": k, "strategy": s}
+            kw: Dict[str, Any] = {"keep": k, **strategy_kwargs(s)}
             if args.layer is not None:
                 kw["layer"] = args.layer
             vprune.patch(policy, **kw)
@@ -174,23 +194,27 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(keeps, strategies, table, base_rate))
 
     overhead = None
-    if args.overhead_episodes > 0 and "dual" in strategies:
-        overhead = measure_overhead(policy, processor, seeds[:args.overhead_episodes], args.layer)
+    duals = [s for s in strategies if strategy_kwargs(s)["strategy"] == "dual"]
+    if args.overhead_episodes > 0 and duals:
+        overhead = measure_overhead(policy, processor, seeds[:args.overhead_episodes], args.layer,
+                                    args.overhead_strategy)
         results["overhead"] = overhead
 
     checks: List[Dict[str, Any]] = []
-    if "dual" in strategies and 0.25 in table.get("dual", {}):
-        v = table["dual"][0.25]
-        checks.append({"target": "dual @25% >= 95% of unpruned success",
-                       "value": f"{v * 100:.0f}% vs {base_rate * 100:.0f}%",
-                       "ok": base_rate > 0 and v >= 0.95 * base_rate})
-    if {"dual", "fastv"} <= set(strategies) and 0.125 in table["dual"]:
-        d, f = table["dual"][0.125], table["fastv"][0.125]
-        checks.append({"target": "dual > fastv @12.5%", "value": f"{d * 100:.0f}% vs {f * 100:.0f}%", "ok": d > f})
+    for d_spec in duals:
+        if 0.25 in table[d_spec]:
+            v = table[d_spec][0.25]
+            checks.append({"target": f"{d_spec} @25% >= 95% of unpruned success",
+                           "value": f"{v * 100:.0f}% vs {base_rate * 100:.0f}%",
+                           "ok": base_rate > 0 and v >= 0.95 * base_rate})
+        if "fastv" in strategies and 0.125 in table[d_spec] and 0.125 in table["fastv"]:
+            d, f = table[d_spec][0.125], table["fastv"][0.125]
+            checks.append({"target": f"{d_spec} > fastv @12.5%", "value": f"{d * 100:.0f}% vs {f * 100:.0f}%",
+                           "ok": d > f})
     if overhead is not None and overhead["scoring_selection_frac"] is not None:
         o = overhead
-        checks.append({"target": "pruning overhead (scoring + selection + diversity) < 5% of the pruned step time "
-                                 "(batch 1)",
+        checks.append({"target": f"pruning overhead of {o['strategy']} (scoring + selection + diversity) < 5% "
+                                 "of the pruned step time (batch 1)",
                        "value": f"{o['scoring_selection_ms_per_step']:.2f} ms of {o['pruned_step_ms']:.1f} ms "
                                 f"({o['scoring_selection_frac'] * 100:.1f}%; all of vprune's code "
                                 f"{o['overhead_ms_per_step']:.2f} ms = {o['overhead_frac'] * 100:.1f}%; "

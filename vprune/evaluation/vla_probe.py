@@ -24,10 +24,9 @@ DEFAULT_CONFIGS = ("dual", "dual:prefill_mean", "fastv", "random")
 
 def _parse_config(text: str, keep: float, layer: Optional[int]) -> Dict[str, Any]:
     """"strategy" or "strategy:semantic" -> ``vprune.patch`` keyword arguments."""
-    strategy, _, semantic = text.partition(":")
-    kw: Dict[str, Any] = {"keep": keep, "strategy": strategy}
-    if semantic:
-        kw["semantic"] = semantic
+    from vprune.evaluation.vla import strategy_kwargs
+
+    kw: Dict[str, Any] = {"keep": keep, **strategy_kwargs(text)}
     if layer is not None:
         kw["layer"] = layer
     return kw
