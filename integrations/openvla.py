@@ -830,6 +830,10 @@ class OpenVLAIntegration(Integration):
     def resolve_config(self, model: Any, config: TechniqueConfig) -> TechniqueConfig:
         if not isinstance(config, VisualPruning):
             raise ValueError(f"the OpenVLA integration applies VisualPruning, got {type(config).__name__}")
+        if getattr(config, "cuda_graph", False):
+            raise ValueError(
+                f"VisualPruning.cuda_graph=True is not supported for {type(model).__name__}: the OpenVLA integration "
+                "runs its pruned layers eagerly (allowed: cuda_graph=False; the option serves LLaVA and Qwen2-VL)")
         depth = self._depth(model)
         changes: Dict[str, Any] = {}
         if config.strategy is None:

@@ -127,7 +127,7 @@ def test_fused_backbone_without_fused_featurizer_is_rejected():
         vprune.patch(m)
 
 
-@pytest.mark.parametrize("field,value", [("layer", 4), ("action_layer", 9)])
+@pytest.mark.parametrize("field,value", [("layer", 4), ("action_layer", 9), ("cuda_graph", True)])
 def test_out_of_range_layers_raise_before_any_change(field, value):
     m = T.build(n_layers=4)
     with pytest.raises(ValueError, match=field):
