@@ -47,7 +47,10 @@ the cache holds then: a DynamicCache appends new tensors), and the rows are scor
 semantic scoring, right before the history update and the selection; rows of one attention module
 are scored through a cached ``_RowPlan`` (no per-call lookups) with RoPE applied once to the stacked
 rows (each row keeps its own matmuls and softmax: those results depend on the shapes), and the
-deferred rows are summed, averaged and zeroed in NumPy; ``dual`` selection runs in NumPy / Python.
+deferred rows are summed, averaged and zeroed in NumPy; ``dual`` selection runs in NumPy / Python;
+``semantic="prefill_mean"`` scores all L prefill rows through the plan (one q_proj matmul, RoPE once,
+a cached additive causal mask per length, the general path's shapes for the matmul, softmax and
+means), and its last row, the first action row when the action layer is K-1, joins the deferred rows.
 On the testbed CPU each small torch op (a view too) costs 5-60 us inside a policy step, so these cut
 vprune's own time per step from ~5 ms to ~1.2 ms (``vprune eval vla``; scoring + selection ~0.9-1.0
 ms of it). ``vprune.stats(model)["overhead_ms"]`` gives the last control step's host time in vprune's
@@ -102,7 +105,8 @@ VISUAL_START = 1  # the host inserts the patches right after BOS
 # The CPU fast paths of one control step (all give the same numbers as the general code, which stays for
 # padded batches, other devices and hosts without a KV cache): scoring rows as plain slices when no row
 # is padded, the semantic row reused as the first action row, decode rows scored together at the next
-# step's scoring, selection in NumPy / Python. tests/test_openvla.py switches them off to compare.
+# step's scoring, prefill_mean's rows through the cached plan, selection in NumPy / Python.
+# tests/test_openvla.py switches them off to compare.
 _FAST_PATHS = True
 
 
@@ -276,7 +280,8 @@ class _RowPlan:
     and the two fp32 0-dim scalars. Each lookup costs 1-5 us of Python on the testbed CPU (device
     objects, tuple keys, ``nn.Module.__getattr__``): about 40 us a row without the plan."""
 
-    __slots__ = ("proj", "weight", "w_t", "n_heads", "head_dim", "perm", "signs", "head_map", "scale", "heads")
+    __slots__ = ("proj", "weight", "w_t", "n_heads", "head_dim", "perm", "signs", "head_map", "scale", "heads",
+                 "scale_f")
 
     def __init__(self, proj: torch.nn.Linear, geometry: Tuple[int, int, int, float]) -> None:
         n_heads, n_kv, head_dim, scale = geometry
@@ -288,6 +293,7 @@ class _RowPlan:
         self.perm, self.signs = _rotate_half(head_dim, torch.float32, cpu)
         self.head_map = _head_map(n_heads, n_kv, cpu) if n_kv != n_heads else None
         self.scale = _scalar(scale)
+        self.scale_f = float(scale)
         self.heads = _scalar(float(n_heads))
 
     def valid_for(self, attn: Any) -> bool:
@@ -367,6 +373,54 @@ def _plan_attend(plan: _RowPlan, q: torch.Tensor, k: torch.Tensor) -> torch.Tens
     # the head sum; with B = 1, [H, 1, T] summed over dim 0 is [1, T] directly (the same reduction)
     heads_sum = probs.sum(dim=0) if bk == 1 else probs.view(bk, n_heads, t).sum(dim=1)
     return heads_sum.div_(plan.heads)
+
+
+def _causal_bias(length: int) -> torch.Tensor:
+    """fp32 [L, L]: -inf above the diagonal (the keys each prefill row may not attend: ``_row_mask``'s
+    causal rows without padding), 0 elsewhere, cached per length. Added to logits it gives the bits
+    of ``masked_fill(~allowed, -inf)`` (x + 0 is x; a zero's sign does not change the softmax)."""
+    key = ("causal", length)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = torch.zeros(length, length).masked_fill_(
+                torch.ones(length, length, dtype=torch.bool).triu_(1), float("-inf"))
+        stale = [k for k in _CONSTANTS if k[0] == "causal"]
+        if len(stale) >= 32:  # prompts of many lengths: keep the cache small
+            for k in stale:
+                del _CONSTANTS[k]
+        _CONSTANTS[key] = t
+    return t
+
+
+def _plan_mean_scores(plan: _RowPlan, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      k: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    """``semantic="prefill_mean"`` without padding through a ``_RowPlan``: the attention [B, T] of every
+    row of ``hidden`` [B, L, D] (cos/sin [B|1, L, Dh]) over ``k`` [B, Hkv, T, Dh], averaged over heads,
+    then over rows. blocked: the keys a row may not attend, bool [B|1, 1|H, L, T], or the fp32 [L, L]
+    ``_causal_bias``. The ops and shapes of ``_query_keys`` + ``attention_row_scores`` with all-ones
+    row weights (q_proj as one [B*L, D] matmul, RoPE, fp32 q k^T * scale, -inf fill, softmax, head
+    mean, row mean): the same numbers. No row is fully masked (the caller checks): no zero fill."""
+    b, length, _ = hidden.shape
+    n_heads, head_dim = plan.n_heads, plan.head_dim
+    q = torch.mm(hidden.reshape(b * length, -1), plan.w_t).view(b, length, n_heads, head_dim)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B|1, L, 1, Dh]: broadcast over the heads
+    q = q * cos + q.index_select(-1, plan.perm) * (sin * plan.signs)
+    q = q.transpose(1, 2).reshape(b * n_heads, length, head_dim)  # the copy matmul makes
+    bk, _, t, d = k.shape
+    if plan.head_map is not None:
+        k = k.index_select(1, plan.head_map).view(bk * n_heads, t, d)
+    else:
+        k = k.reshape(bk * n_heads, t, d)
+    logits = torch.bmm(q, k.transpose(1, 2))
+    if blocked.dtype == torch.bool:
+        logits.mul_(plan.scale)
+        logits.view(b, n_heads, length, t).masked_fill_(blocked, float("-inf"))
+    else:  # bias + logits * scale in one op: fma(x, scale, 0) rounds as x * scale does
+        logits = torch.add(blocked, logits, alpha=plan.scale_f)
+    probs = torch.softmax(logits, dim=-1).view(b, n_heads, length, t)
+    rows = probs.sum(dim=1).div_(plan.heads)  # the head mean [B, L, T] (mean's sum, then div_)
+    return rows.sum(dim=1).div_(_scalar(float(length)))  # the row mean (weights all 1: sum / L)
 
 
 def _plannable(h_row: torch.Tensor, cos_r: torch.Tensor, k: torch.Tensor) -> bool:
@@ -1134,6 +1188,7 @@ class OpenVLAIntegration(Integration):
             config: VisualPruning = state.config
             length = rt.seq_len
             b, n = rt.visual_emb.shape[:2]
+            seed_row = None  # prefill_mean's fast path: the last row's scores, the first action row
             if config.semantic == "last" and rt.dense:  # no padding: the row is the same in every batch row
                 last = length - 1
                 if rt.query_rows > 1:  # a chunked head: the last prompt row precedes the action queries
@@ -1145,6 +1200,9 @@ class OpenVLAIntegration(Integration):
                 if scores is None:
                     scores = _plan_row_scores(*job) if job is not None else \
                         self._last_row_scores(module, rt.layer - 1, args, kwargs, last, length)  # [B, L]
+            elif config.semantic == "prefill_mean" and rt.dense and \
+                    (fast := self._fast_prefill_mean(module, rt, args, kwargs, length)) is not None:
+                scores, seed_row = fast
             else:
                 rt.commit_stashed()  # the previous step's action rows (scored here: see stash_step)
                 device = rt.visual_emb.device
@@ -1171,17 +1229,63 @@ class OpenVLAIntegration(Integration):
                 and rt.action_layer == rt.layer - 1
             if seed:
                 rt.semantic_row = scores
+            elif seed_row is not None:
+                rt.semantic_row = seed_row
+                seed = True
             t1 = time.perf_counter()
             rt.t_scoring += t1 - t0
             self._select(state, rt, config)
             t2 = time.perf_counter()
             rt.t_selection += t2 - t1
             if seed:  # the first action row (the tokens just pruned get 0 when the step is committed)
-                rt.scored_sum = rt.semantic
+                rt.scored_sum = rt.semantic if seed_row is None else seed_row[:, VISUAL_START:VISUAL_START + n]
                 rt.action_rows = 1
                 rt.t_scoring += time.perf_counter() - t2
             return None
         return hook
+
+    def _fast_prefill_mean(self, attn: Any, rt: _Runtime, args: tuple, kwargs: dict,
+                           length: int) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """``semantic="prefill_mean"`` on the CPU without padding: (scores [B, L], the last row's scores
+        [B, L] when it is also the first action row, else None), the previous step's action rows
+        committed; None (nothing done) when the general path must run: no plan (not fp32 CPU, q_proj
+        not a plain Linear), no cached keys, or a host mask that blocks a whole row."""
+        layer_idx = rt.layer - 1
+        k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
+        if k is None:
+            return None
+        hidden = _compat.layer_hidden(args, kwargs)
+        cos, sin = _compat.rope_cos_sin(attn, hidden, kwargs)
+        if k.shape[-2] != length:
+            k = k[..., :length, :]
+        plan = _row_plan(attn) if _plannable(hidden, cos, k) and hidden.shape[1] == length else None
+        blocked = None if plan is None else self._prefill_blocked(kwargs, length)
+        if blocked is None:
+            return None
+        job = None  # the last row as the first action row (the action layer is K-1): scored with the
+        if rt.query_rows == 1 and rt.needs_action and rt.action_layer == layer_idx:  # decode rows
+            if blocked.dtype == torch.bool:  # a host mask: its last row may need masking
+                job = self._last_row_job(attn, layer_idx, args, kwargs, length - 1, length)
+            else:  # causal: the last row attends every key (``_last_row_job``'s job, without lookups)
+                job = (plan, hidden.select(1, length - 1), cos[:, length - 1:], sin[:, length - 1:], k)
+        seed_row = rt.commit_stashed(job)
+        if seed_row is None and job is not None:
+            seed_row = _plan_row_scores(*job)
+        return _plan_mean_scores(plan, hidden, cos, sin, k, blocked), seed_row
+
+    @staticmethod
+    def _prefill_blocked(kwargs: dict, length: int) -> Optional[torch.Tensor]:
+        """The keys each prefill row may not attend (no padding): bool [B|1, 1|H, L, L] from the host's
+        4-D mask when there is one (``_row_mask``'s rows), else the cached fp32 ``_causal_bias``; None
+        when a row would have no key at all (the general path zeroes such rows)."""
+        mask = kwargs.get("attention_mask")
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+            return _causal_bias(length)
+        m = mask[..., :length]
+        if m.shape[2] != length:
+            return None
+        blocked = ~_bool_allowed(m)
+        return None if bool(blocked.all(dim=-1).any()) else blocked
 
     def _select(self, state: Any, rt: _Runtime, config: VisualPruning) -> None:
         emb = rt.visual_emb

@@ -663,14 +663,14 @@ def test_left_padded_batch_matches_masked_reference():
 
 
 # ------------------------------------------------------------------ CPU fast paths (overhead)
-def _rollout_record(policy, proc, seeds, keep=0.25, strategy="dual"):
+def _rollout_record(policy, proc, seeds, keep=0.25, strategy="dual", semantic="last"):
     """Closed-loop episodes of the testbed policy: per step, kept indices, the action taken and the
     history's bytes (the smoothed action scores the next selection reads)."""
     from vprune.testbed.sim import PickEnv
     from vprune.testbed.tokenizer import prompt_for
 
     rec = []
-    vprune.patch(policy, keep=keep, strategy=strategy)
+    vprune.patch(policy, keep=keep, strategy=strategy, semantic=semantic)
     try:
         rt = _runtime(policy)
         for seed in seeds:
@@ -691,18 +691,36 @@ def _rollout_record(policy, proc, seeds, keep=0.25, strategy="dual"):
     return rec
 
 
-@pytest.mark.parametrize("keep", [0.25, 0.125])
-def test_fast_paths_keep_the_same_tokens_as_the_general_paths(monkeypatch, keep):
-    """The CPU fast paths (slice rows, reused semantic row, deferred decode rows, NumPy selection)
-    change no number: over seeded closed-loop episodes of the trained testbed policy the kept tokens,
-    the actions and the action history are bit-identical to the general code paths."""
+def _count_prefill_mean_fast(monkeypatch):
+    """A dict whose "calls" counts the runs of prefill_mean's CPU fast path from now on."""
+    from vprune.integrations import openvla
+
+    seen = {"calls": 0}
+    original = openvla._plan_mean_scores
+
+    def counted(*args):
+        seen["calls"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(openvla, "_plan_mean_scores", counted)
+    return seen
+
+
+@pytest.mark.parametrize("keep,semantic", [(0.25, "last"), (0.125, "last"), (0.25, "prefill_mean")])
+def test_fast_paths_keep_the_same_tokens_as_the_general_paths(monkeypatch, keep, semantic):
+    """The CPU fast paths (slice rows, reused semantic row, deferred decode rows, prefill_mean's rows
+    through the plan, NumPy selection) change no number: over seeded closed-loop episodes of the
+    trained testbed policy the kept tokens, the actions and the action history are bit-identical to
+    the general code paths."""
     testbed = pytest.importorskip("vprune.testbed")
     from vprune.integrations import openvla
 
     policy, proc = testbed.load_policy(), testbed.load_processor()
-    fast = _rollout_record(policy, proc, [1, 2], keep=keep)
+    seen = _count_prefill_mean_fast(monkeypatch)
+    fast = _rollout_record(policy, proc, [1, 2], keep=keep, semantic=semantic)
+    assert (seen["calls"] > 0) == (semantic == "prefill_mean")  # the fast path ran
     monkeypatch.setattr(openvla, "_FAST_PATHS", False)
-    general = _rollout_record(policy, proc, [1, 2], keep=keep)
+    general = _rollout_record(policy, proc, [1, 2], keep=keep, semantic=semantic)
     assert len(fast) == len(general) > 10
     assert sum(r[0] is not None for r in fast) > 5
     for step, (a, b) in enumerate(zip(fast, general)):
@@ -769,32 +787,69 @@ def test_overhead_timers_in_stats_and_no_action_scoring_for_fastv():
     vprune.unpatch(m)
 
 
+def _record_steps(model, config, batch, steps=4):
+    """Control steps of a patched host: per step the keep sets, actions, history bytes and semantic
+    score bytes."""
+    vprune.patch(model, config)
+    rec = []
+    try:
+        for step in range(steps):
+            ids, pix = T.inputs(seed=30 + step, batch=batch)
+            act = _act(model, ids, pix)
+            st = vprune.stats(model)
+            rt = _runtime(model)
+            hist = rt.history.scores
+            rec.append(([s["kept_indices"] for s in st["per_sample"]], act.tolist(),
+                        None if hist is None else hist.numpy().tobytes(), rt.semantic.numpy().tobytes()))
+    finally:
+        vprune.unpatch(model)
+    return rec
+
+
+@pytest.mark.parametrize("semantic", ["last", "prefill_mean"])
 @pytest.mark.parametrize("layer,action_layer", [(1, 2), (2, 1), (2, 3)])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_fast_paths_match_the_general_paths_for_any_action_layer(monkeypatch, layer, action_layer, batch):
-    """The CPU fast paths (plan-batched rows, NumPy sums of the deferred decode rows, NumPy
-    selection) against the general code on the testbed LM for action layers below, at and above K
-    (pruned tokens' columns scattered back, or zeroed) and batch 1 / 2: the same keep sets, tokens
-    and history bits over several control steps."""
+def test_fast_paths_match_the_general_paths_for_any_action_layer(monkeypatch, layer, action_layer, batch,
+                                                                 semantic):
+    """The CPU fast paths (plan-batched rows, NumPy sums of the deferred decode rows, prefill_mean's
+    rows through the plan, NumPy selection) against the general code on the testbed LM for action
+    layers below, at and above K (pruned tokens' columns scattered back, or zeroed) and batch 1 / 2:
+    the same keep sets, tokens, semantic scores and history bits over several control steps."""
     from vprune.integrations import openvla
 
     def run(fast):
         monkeypatch.setattr(openvla, "_FAST_PATHS", fast)
-        m = _testbed(seed=5)
-        vprune.patch(m, vprune.VisualPruning(keep=0.25, layer=layer, action_layer=action_layer, warmup=1))
-        rec = []
-        try:
-            for step in range(4):
-                ids, pix = T.inputs(seed=30 + step, batch=batch)
-                act = _act(m, ids, pix)
-                st = vprune.stats(m)
-                hist = _runtime(m).history.scores
-                rec.append(([s["kept_indices"] for s in st["per_sample"]], act.tolist(),
-                            None if hist is None else hist.numpy().tobytes()))
-        finally:
-            vprune.unpatch(m)
-        return rec
+        config = vprune.VisualPruning(keep=0.25, layer=layer, action_layer=action_layer, warmup=1,
+                                      semantic=semantic)
+        return _record_steps(_testbed(seed=5), config, batch)
 
-    fast, general = run(True), run(False)
+    seen = _count_prefill_mean_fast(monkeypatch)
+    fast = run(True)
+    assert (seen["calls"] == 4) == (semantic == "prefill_mean")  # the fast path ran at every step
+    general = run(False)
+    assert seen["calls"] in (0, 4)  # and only there
     assert fast == general
     assert fast[-1][2] is not None
+
+
+@pytest.mark.parametrize("kind,attn", [("tiny", "sdpa"), ("tiny", "eager"), ("testbed", "sdpa")])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_prefill_mean_fast_path_scores_equal_the_general_path(monkeypatch, kind, attn, batch):
+    """prefill_mean's CPU fast path gives semantic scores equal (torch.equal) to the general path's
+    on both hosts (the cached causal bias, or the host's 4-D mask under eager attention; MHA and GQA),
+    and the same keep sets, actions and history."""
+    from vprune.integrations import openvla
+
+    def run(fast):
+        monkeypatch.setattr(openvla, "_FAST_PATHS", fast)
+        config = vprune.VisualPruning(keep=0.25, semantic="prefill_mean", warmup=1)
+        return _record_steps(_host(kind, seed=6, attn=attn), config, batch, steps=3)
+
+    seen = _count_prefill_mean_fast(monkeypatch)
+    fast = run(True)
+    assert seen["calls"] == 3
+    general = run(False)
+    for a, b in zip(fast, general):
+        assert torch.equal(torch.frombuffer(bytearray(a[3]), dtype=torch.float32),
+                           torch.frombuffer(bytearray(b[3]), dtype=torch.float32))
+    assert fast == general
