@@ -52,3 +52,11 @@ def test_eval_vla_strategy_specs():
             strategy_kwargs(bad)
     with pytest.raises(ValueError, match="semantic"):  # the config names the bad semantic score
         main(["eval", "vla", "--episodes", "1", "--strategies", "dual:nope", "--no-progress"])
+
+
+def test_demo_semantic_option(tmp_path, capsys):
+    png = tmp_path / "demo.png"
+    assert main(["demo", "--episodes", "1", "--semantic", "prefill_mean", "--png", str(png), "--no-progress"]) == 0
+    assert "dual:prefill_mean 25% (K=2)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="semantic"):
+        main(["demo", "--episodes", "1", "--semantic", "middle", "--no-progress"])

@@ -148,6 +148,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=float, default=0.25, help="fraction of visual tokens kept (default 0.25)")
     p.add_argument("--strategy", default=None,
                    help="selection strategy (default: the integration's, dual for VLAs)")
+    p.add_argument("--semantic", default=None,
+                   help="semantic score of dual: last (default) or prefill_mean (better on this shallow policy)")
     p.add_argument("--seed", type=int, default=0, help="first episode seed (default 0)")
     p.add_argument("--png", default="vprune_demo.png", help="where to write the kept-token figure")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -175,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
     overrides: Dict[str, Any] = {"keep": args.keep}
     if args.strategy:
         overrides["strategy"] = args.strategy
+    if args.semantic:
+        overrides["semantic"] = args.semantic
+    vprune.VisualPruning(**overrides)  # a bad value fails before any episode runs
     progress = Progress(2 * len(seeds), "episodes", enabled=not args.no_progress)
     # warm the kernels/allocator once so the first timed step is not an outlier
     with torch.inference_mode():
@@ -186,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = vprune.stats(policy)["config"]
         name = f"{cfg['strategy']} {args.keep * 100:g}% (K={cfg['layer']})"
+        if args.semantic:
+            name = f"{cfg['strategy']}:{cfg['semantic']} {args.keep * 100:g}% (K={cfg['layer']})"
         pruned = run_config(policy, processor, seeds, progress, capture=capture)
     finally:
         vprune.unpatch(policy)
