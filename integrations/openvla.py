@@ -53,7 +53,10 @@ a cached additive causal mask per length, the general path's shapes for the matm
 means), and its last row, the first action row when the action layer is K-1, joins the deferred rows.
 On the testbed CPU each small torch op (a view too) costs 5-60 us inside a policy step, so these cut
 vprune's own time per step from ~5 ms to ~1.2 ms (``vprune eval vla``; scoring + selection ~0.9-1.0
-ms of it). ``vprune.stats(model)["overhead_ms"]`` gives the last control step's host time in vprune's
+ms of it). Off the CPU fast path (CUDA, other dtypes, ``_FAST_PATHS`` off) a decode step also only keeps
+its row's inputs; the next step's scoring scores them in one batched torch computation (``_BATCHED_DECODE``,
+``_batched_rows_total``: no host sync or copy; the same keep sets as scoring each row alone, scores
+within fp32 rounding: tests/test_openvla.py). ``vprune.stats(model)["overhead_ms"]`` gives the last control step's host time in vprune's
 code by part (scoring, selection, other).
 
 Warm-up: the first ``warmup`` (default ``history``) control steps of an episode run unpruned but still
@@ -95,7 +98,7 @@ from vprune.errors import IncompatibleModelError, MissingInputsError, VPruneErro
 from vprune.kernels import gather_rows
 from vprune.integrations import _compat
 from vprune.integrations.registry import Integration
-from vprune.scoring import attention_row_scores
+from vprune.scoring import attention_row_scores, attention_rows
 from vprune.selection import dual_select, dual_select_host, select_tokens
 from vprune.temporal import ActionHistory
 from vprune.undo import vprune_subclass
@@ -108,6 +111,11 @@ VISUAL_START = 1  # the host inserts the patches right after BOS
 # step's scoring, prefill_mean's rows through the cached plan, selection in NumPy / Python.
 # tests/test_openvla.py switches them off to compare.
 _FAST_PATHS = True
+
+# Decode steps off the CPU fast path (other devices, other dtypes, ``_FAST_PATHS`` off) keep their
+# row's inputs and are scored together at the next step's scoring, in one batched computation
+# (``_batched_rows_total``); off: each is scored inside its decode forward (the reference general path).
+_BATCHED_DECODE = True
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -487,6 +495,11 @@ def _score_decode_row(rec: Tuple[Any, ...]) -> torch.Tensor:
     return _visual_scores(probs, kept, n)
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``t``'s device."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _visual_scores(probs: torch.Tensor, kept: Optional[torch.Tensor], n: int) -> torch.Tensor:
     """[B, N] visual columns of one row's attention ``probs`` [B, T]; ``kept`` [B, M]: the layer saw
     only these visual tokens (layer >= K), whose M columns are scattered back, 0 elsewhere."""
@@ -531,6 +544,8 @@ def _score_decode_rows(total: Optional[torch.Tensor], rows: List[Tuple[Any, ...]
         return total, None
     plan, with_extra = _common_plan(rows, extra)
     if plan is None:
+        if _batchable(rows):
+            return _batched_rows_total(total, rows), None
         for rec in rows:
             vis = _score_decode_row(rec)
             total = vis if total is None else total + vis
@@ -548,6 +563,93 @@ def _score_decode_rows(total: Optional[torch.Tensor], rows: List[Tuple[Any, ...]
             vis = _visual_scores(p, rec[7], rec[8])
             total = vis if total is None else total + vis
     return total, (probs[-1] if with_extra else None)
+
+
+def _batchable(rows: List[Tuple[Any, ...]]) -> bool:
+    """Whether ``_batched_rows_total`` takes these decode rows: general rows (not the CPU fast path's),
+    one attention module, batch size, kept set and N, mask rows all present or all absent, and keys
+    of one layout whose length grows by one per row. DynamicCache (transformers 4.40 ``key_cache[i]``,
+    5.x ``layers[i].keys``) replaces its keys by ``cat(old, new)`` at each update, so every earlier
+    row's keys are then a prefix of the last row's."""
+    first = rows[0]
+    k0 = first[5]
+    if not _BATCHED_DECODE or (_FAST_PATHS and k0.is_cpu):
+        return False
+    attn, b, kept, n, t0, masked = first[0], first[2].shape[0], first[7], first[8], k0.shape[-2], first[6] is not None
+    for r, rec in enumerate(rows):
+        k = rec[5]
+        if rec[0] is not attn or rec[2].shape[0] != b or rec[2].shape[1] != 1 or rec[7] is not kept \
+                or rec[8] != n or (rec[6] is not None) != masked or k.shape[-2] != t0 + r \
+                or k.shape[:2] != k0.shape[:2] or k.shape[-1] != k0.shape[-1] or k.dtype != k0.dtype \
+                or k.device != k0.device:
+            return False
+    return True
+
+
+def _rows_causal(r: int, t: int, device: torch.device) -> torch.Tensor:
+    """bool [1, 1, R, T]: row i of R consecutive decode rows may attend the first T - R + 1 + i keys,
+    cached."""
+    key = ("rows_causal", r, t, device)
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        with torch.inference_mode(False):
+            hit = torch.ones(r, t, dtype=torch.bool, device=device).tril_(t - r).view(1, 1, r, t)
+        stale = [k for k in _CONSTANTS if k[0] == "rows_causal"]
+        if len(stale) >= 32:  # prompts of many lengths: keep the cache small
+            for k in stale:
+                del _CONSTANTS[k]
+        _CONSTANTS[key] = hit
+    return hit
+
+
+def _rows_allowed(rows: List[Tuple[Any, ...]], t: int, device: torch.device) -> Optional[torch.Tensor]:
+    """bool [B|1, 1|H, R, T] keys each decode row may attend over the last row's T keys: the host's
+    mask row of each step (disallowed past its own length), or the per-row causal length mask;
+    None for one row without a mask (every key allowed)."""
+    if rows[0][6] is None:
+        return None if len(rows) == 1 else _rows_causal(len(rows), t, device)
+    parts = []
+    for rec in rows:
+        m = rec[6]
+        fill = False if m.dtype == torch.bool else torch.finfo(m.dtype).min
+        parts.append(m if m.shape[-1] == t else torch.nn.functional.pad(m, (0, t - m.shape[-1]), value=fill))
+    return _bool_allowed(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+
+
+def _batched_rows_total(total: Optional[torch.Tensor], rows: List[Tuple[Any, ...]]) -> torch.Tensor:
+    """``total`` plus the visual scores of R consecutive decode rows (``_batchable``), computed
+    together with torch ops (no host sync, no host copy): the R rows through q_proj, RoPE with each
+    row's own cos/sin, fp32 attention over the last row's keys with a per-row length mask, softmax,
+    head mean, visual columns (scattered back when the layer saw only the kept tokens), summed over
+    rows. The same numbers as scoring each row alone up to fp32 rounding (a masked softmax over the
+    longer row and the batched matmul sum in another order)."""
+    attn, geometry = rows[0][0], rows[0][1]
+    n_heads, _, head_dim, scale = geometry
+    b, r = rows[0][2].shape[0], len(rows)
+    k = rows[-1][5]
+    hidden = rows[0][2] if r == 1 else torch.cat([rec[2] for rec in rows], dim=1)  # [B, R, D]
+    cos, sin = (_stack_rope([rec[i] for rec in rows], b) for i in (3, 4))          # [B|1, R, Dh]
+    q = attn.q_proj(hidden).view(b, r, n_heads, head_dim).transpose(1, 2)
+    q = _compat.apply_rope(q, cos, sin)
+    probs = attention_rows(q, k, _rows_allowed(rows, k.shape[-2], k.device), scale).mean(dim=1)  # [B, R, T]
+    kept, n = rows[0][7], rows[0][8]
+    if kept is None:
+        vis = probs[:, :, VISUAL_START:VISUAL_START + n]
+    else:
+        m = kept.shape[1]
+        vis = torch.zeros(b, r, n, dtype=probs.dtype, device=probs.device)
+        vis.scatter_(2, kept.unsqueeze(1).expand(b, r, m), probs[:, :, VISUAL_START:VISUAL_START + m])
+    step = vis.sum(dim=1)
+    return step if total is None else total + step
+
+
+def _stack_rope(parts: List[torch.Tensor], b: int) -> torch.Tensor:
+    """Decode rows' cos (or sin) rows [B|1, 1, Dh] as one [B|1, R, Dh] (expanded to B if mixed)."""
+    if len(parts) == 1:
+        return parts[0]
+    if any(p.shape[0] != parts[0].shape[0] for p in parts):
+        parts = [p.expand(b, -1, -1) for p in parts]
+    return torch.cat(parts, dim=1)
 
 
 def _visual_host(probs: np.ndarray, kept: Optional[torch.Tensor], n: int) -> np.ndarray:
@@ -1467,9 +1569,12 @@ class OpenVLAIntegration(Integration):
                     geometry = geometry_of[id(module)] = _compat.attention_geometry(module)
                 cos, sin = _compat.rope_cos_sin(module, hidden, kwargs)
                 k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
-                # score now without a cache object to read later, off the CPU (a CUDA graph replay
-                # would overwrite the kept tensors) and on the general paths
-                if k is None or not _FAST_PATHS or k.device.type != "cpu":
+                # score now without a cache object to read later, while a CUDA graph is captured
+                # (a replay would overwrite the kept tensors) and with _BATCHED_DECODE off on the
+                # general paths; else keep the row for _batched_rows_total (general rows) or the
+                # CPU fast path
+                general = k is None or not _FAST_PATHS or k.device.type != "cpu"
+                if k is None or (general and (not _BATCHED_DECODE or _capturing(k))):
                     q, k, scale = self._query_keys(module, layer_idx, args, kwargs, None)
                     rec = None
                 else:

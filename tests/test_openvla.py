@@ -720,6 +720,7 @@ def test_fast_paths_keep_the_same_tokens_as_the_general_paths(monkeypatch, keep,
     fast = _rollout_record(policy, proc, [1, 2], keep=keep, semantic=semantic)
     assert (seen["calls"] > 0) == (semantic == "prefill_mean")  # the fast path ran
     monkeypatch.setattr(openvla, "_FAST_PATHS", False)
+    monkeypatch.setattr(openvla, "_BATCHED_DECODE", False)  # the reference: each decode row scored alone
     general = _rollout_record(policy, proc, [1, 2], keep=keep, semantic=semantic)
     assert len(fast) == len(general) > 10
     assert sum(r[0] is not None for r in fast) > 5
@@ -819,6 +820,7 @@ def test_fast_paths_match_the_general_paths_for_any_action_layer(monkeypatch, la
 
     def run(fast):
         monkeypatch.setattr(openvla, "_FAST_PATHS", fast)
+        monkeypatch.setattr(openvla, "_BATCHED_DECODE", fast)  # general: each decode row scored alone
         config = vprune.VisualPruning(keep=0.25, layer=layer, action_layer=action_layer, warmup=1,
                                       semantic=semantic)
         return _record_steps(_testbed(seed=5), config, batch)
@@ -842,6 +844,7 @@ def test_prefill_mean_fast_path_scores_equal_the_general_path(monkeypatch, kind,
 
     def run(fast):
         monkeypatch.setattr(openvla, "_FAST_PATHS", fast)
+        monkeypatch.setattr(openvla, "_BATCHED_DECODE", fast)  # general: each decode row scored alone
         config = vprune.VisualPruning(keep=0.25, semantic="prefill_mean", warmup=1)
         return _record_steps(_host(kind, seed=6, attn=attn), config, batch, steps=3)
 
@@ -853,3 +856,105 @@ def test_prefill_mean_fast_path_scores_equal_the_general_path(monkeypatch, kind,
         assert torch.equal(torch.frombuffer(bytearray(a[3]), dtype=torch.float32),
                            torch.frombuffer(bytearray(b[3]), dtype=torch.float32))
     assert fast == general
+
+
+# ------------------------------------------------------- batched decode rows (general path, any device)
+def _assert_close_records(batched, general, atol=1e-6):
+    """Records of ``_record_steps``: the same keep sets and actions; history and semantic bytes equal
+    within fp32 rounding."""
+    assert len(batched) == len(general)
+    for a, b in zip(batched, general):
+        assert a[0] == b[0] and a[1] == b[1]
+        for x, y in ((a[2], b[2]), (a[3], b[3])):
+            assert (x is None) == (y is None)
+            if x is not None:
+                torch.testing.assert_close(torch.frombuffer(bytearray(x), dtype=torch.float32),
+                                           torch.frombuffer(bytearray(y), dtype=torch.float32), atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,attn", [("tiny", "sdpa"), ("tiny", "eager"), ("testbed", "sdpa")])
+@pytest.mark.parametrize("layer,action_layer", [(1, 2), (2, 1), (2, 3)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_batched_decode_rows_match_the_per_row_general_path(monkeypatch, kind, attn, layer, action_layer, batch):
+    """The general path's decode rows kept and scored together (``_batched_rows_total``: one q_proj,
+    RoPE with each row's cos/sin, the last row's keys with a per-row length mask, or the host's mask
+    rows under eager attention) against each row scored inside its decode forward: the same keep sets
+    and actions, history and semantic scores equal within fp32 rounding, for action layers below, at
+    and above K."""
+    from vprune.integrations import openvla
+
+    seen = {"calls": 0}
+    original = openvla._batched_rows_total
+
+    def counted(*args):
+        seen["calls"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(openvla, "_batched_rows_total", counted)
+    monkeypatch.setattr(openvla, "_FAST_PATHS", False)
+
+    def run(batched):
+        monkeypatch.setattr(openvla, "_BATCHED_DECODE", batched)
+        config = vprune.VisualPruning(keep=0.25, layer=layer, action_layer=action_layer, warmup=1)
+        return _record_steps(_host(kind, seed=7, attn=attn), config, batch)
+
+    batched = run(True)
+    assert seen["calls"] >= 3  # every step after the first scored its predecessor's rows batched
+    general = run(False)
+    assert seen["calls"] in (3, 4)
+    _assert_close_records(batched, general)
+    assert batched[-1][2] is not None
+
+
+def test_batched_decode_rows_over_testbed_episodes(monkeypatch):
+    """Closed-loop episodes of the trained testbed policy on the general path: decode rows scored
+    batched keep the same tokens and take the same actions as rows scored one by one; the history
+    differs by fp32 rounding only."""
+    testbed = pytest.importorskip("vprune.testbed")
+    from vprune.integrations import openvla
+
+    policy, proc = testbed.load_policy(), testbed.load_processor()
+    monkeypatch.setattr(openvla, "_FAST_PATHS", False)
+    batched = _rollout_record(policy, proc, [1, 2, 3])
+    monkeypatch.setattr(openvla, "_BATCHED_DECODE", False)
+    general = _rollout_record(policy, proc, [1, 2, 3])
+    assert len(batched) == len(general) > 10 and sum(r[0] is not None for r in batched) > 5
+    for step, (a, b) in enumerate(zip(batched, general)):
+        assert a[:2] == b[:2], f"step {step} differs"
+        if a[2] is not None:
+            torch.testing.assert_close(torch.frombuffer(bytearray(a[2]), dtype=torch.float32),
+                                       torch.frombuffer(bytearray(b[2]), dtype=torch.float32),
+                                       atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("action_layer", [1, 3])
+def test_batched_decode_rows_with_padding_mask_and_prefix_keys(monkeypatch, action_layer):
+    """A left-padded batch (the host's mask rows): every kept row's keys are a prefix of the last
+    row's (the cache replaces its keys at each update), and the batched scores equal the per-row
+    scores within fp32 rounding."""
+    from vprune.integrations import openvla
+
+    monkeypatch.setattr(openvla, "_FAST_PATHS", False)
+    m = _testbed(seed=1)
+    ids, pix = T.inputs(seed=18, batch=2, prompt_len=7)
+    ids[0, :2] = 0
+    ids[0, 2] = 1
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    vprune.patch(m, vprune.VisualPruning(keep=0.25, warmup=0, action_layer=action_layer))
+    try:
+        _greedy(m, ids, pix, 4, mask=mask)
+        rows = list(_runtime(m).pending)
+    finally:
+        vprune.unpatch(m)
+    assert len(rows) == 4 and all(rec[6] is not None for rec in rows) and openvla._batchable(rows)
+    last = rows[-1][5]
+    for rec in rows:
+        assert torch.equal(rec[5], last[..., :rec[5].shape[-2], :])
+    want = None
+    for rec in rows:
+        vis = openvla._score_decode_row(rec)
+        want = vis if want is None else want + vis
+    got = openvla._batched_rows_total(None, rows)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert float((got - want).abs().max()) < 1e-6
