@@ -7,7 +7,7 @@ imports nothing from a host library until a function needs it.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -230,3 +230,37 @@ def stock_mask_function(base: str) -> Any:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     return ALL_MASK_ATTENTION_FUNCTIONS[base]
+
+
+def cache_graph_refusal(cache: Any, layer_ids: Sequence[int]) -> Optional[str]:
+    """Why the user's cache cannot take a graph's K/V (None: it can). The graph body stands in for
+    empty transformers ``DynamicLayer`` s (transformers >= 4.56 ``Cache.layers``), so those are the
+    only layers accepted; a StaticCache, an offloading or quantised cache runs the layers eagerly."""
+    if cache is None:
+        return None
+    if getattr(cache, "offloading", False):
+        return "an offloading KV cache"
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return f"a {type(cache).__name__} KV cache (not a transformers Cache with .layers)"
+    for i in layer_ids:
+        layer = layers[i] if i < len(layers) else None
+        cls = type(layer) if layer is not None else getattr(cache, "layer_class_to_replicate", None)
+        if cls is None or cls.__name__ != "DynamicLayer":
+            return f"{getattr(cls, '__name__', cls)} cache layers (only DynamicLayer)"
+        if layer is not None and layer.get_seq_length() != 0:
+            return f"a KV cache whose layer {i} is not empty"
+    return None
+
+
+def outputs_being_recorded() -> bool:
+    """True while transformers (>= 5) records per-layer outputs for ``output_hidden_states`` /
+    ``output_attentions`` through hooks: the pass-through layers would record wrong values."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    try:
+        return bool(_active_collector.get())
+    except LookupError:
+        return False

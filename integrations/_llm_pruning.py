@@ -86,7 +86,6 @@ Version-dependent layer-input rewriting lives in ``LLMPruner.rewrite_layer_input
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -534,40 +533,6 @@ def copy_into(static: Any, live: Any) -> None:
             copy_into(s, live[k])
 
 
-def cache_graph_refusal(cache: Any, layer_ids: Sequence[int]) -> Optional[str]:
-    """Why the user's cache cannot take a graph's K/V (None: it can). The graph body stands in for
-    empty transformers ``DynamicLayer`` s (transformers >= 4.56 ``Cache.layers``), so those are the
-    only layers accepted; a StaticCache, an offloading or quantised cache runs the layers eagerly."""
-    if cache is None:
-        return None
-    if getattr(cache, "offloading", False):
-        return "an offloading KV cache"
-    layers = getattr(cache, "layers", None)
-    if not isinstance(layers, list):
-        return f"a {type(cache).__name__} KV cache (not a transformers Cache with .layers)"
-    for i in layer_ids:
-        layer = layers[i] if i < len(layers) else None
-        cls = type(layer) if layer is not None else getattr(cache, "layer_class_to_replicate", None)
-        if cls is None or cls.__name__ != "DynamicLayer":
-            return f"{getattr(cls, '__name__', cls)} cache layers (only DynamicLayer)"
-        if layer is not None and layer.get_seq_length() != 0:
-            return f"a KV cache whose layer {i} is not empty"
-    return None
-
-
-def outputs_being_recorded() -> bool:
-    """True while transformers (>= 5) records per-layer outputs for ``output_hidden_states`` /
-    ``output_attentions`` through hooks: the pass-through layers would record wrong values."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
-        return False
-    try:
-        return bool(_active_collector.get())
-    except LookupError:
-        return False
-
-
 # ----------------------------------------------------------------------------------- the pruner
 class LLMPruner:
     """Prunes visual tokens at decoder layer ``layer`` of a transformers text model.
@@ -742,9 +707,9 @@ class LLMPruner:
             return "the call is itself being captured into a CUDA graph"
         if any(self.layers[i].training for i in range(self.layer, len(self.layers))):
             return "the model is in training mode"
-        if outputs_being_recorded():
+        if _compat.outputs_being_recorded():
             return "output_hidden_states / output_attentions was requested"
-        return cache_graph_refusal(cache, range(self.layer, len(self.layers)))
+        return _compat.cache_graph_refusal(cache, range(self.layer, len(self.layers)))
 
     def _warn_graph_once(self, reason: str) -> None:
         if reason not in self._graph_warned:
