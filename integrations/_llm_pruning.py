@@ -95,6 +95,7 @@ import numpy as np
 import torch
 
 from vprune import scoring, selection
+from vprune.nested import copy_into, map_tensors
 from vprune.errors import IncompatibleModelError, MissingInputsError, VPruneWarning
 from vprune.kernels import gather_rows, select_topk
 
@@ -511,26 +512,8 @@ def graph_signature(x: Any) -> Any:
 
 def static_clone(x: Any) -> Any:
     """A copy of ``x`` whose tensors are fresh buffers (same shape, strides and values)."""
-    if isinstance(x, torch.Tensor):
-        out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-        return out.copy_(x)
-    if isinstance(x, (tuple, list)):
-        return type(x)(static_clone(v) for v in x)
-    if isinstance(x, dict):
-        return {k: static_clone(v) for k, v in x.items()}
-    return x
-
-
-def copy_into(static: Any, live: Any) -> None:
-    """Copy the tensors of ``live`` into the matching buffers of ``static`` (same structure)."""
-    if isinstance(static, torch.Tensor):
-        static.copy_(live)
-    elif isinstance(static, (tuple, list)):
-        for s, v in zip(static, live):
-            copy_into(s, v)
-    elif isinstance(static, dict):
-        for k, s in static.items():
-            copy_into(s, live[k])
+    return map_tensors(x, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                                        device=t.device).copy_(t))
 
 
 # ----------------------------------------------------------------------------------- the pruner

@@ -83,6 +83,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from vprune.nested import copy_into, map_tensors
+
 KIND_RESTART = "restart"
 KIND_FULL = "full"
 KIND_SUBSET = "subset"
@@ -487,7 +489,7 @@ class NATRuntime:
             value = compute()
             old = s.extra.get(key)
             if old is not None and _same_layout(old, value):
-                _copy_into(old, value)
+                copy_into(old, value)
                 return old
             s.extra[key] = _detach(value)
             return value
@@ -615,8 +617,8 @@ class NATRuntime:
             plan.stream.graphs[key] = (graph, static_args, static_kwargs, static_out)
             return out
         graph, static_args, static_kwargs, static_out = entry
-        _copy_into(static_args, args)
-        _copy_into(static_kwargs, kwargs)
+        copy_into(static_args, args)
+        copy_into(static_kwargs, kwargs)
         backend.replay(graph)
         self.host = None
         self._prepared = False
@@ -752,35 +754,12 @@ def install(model: Any, state: Any, config: Any, *, blocks: Sequence[Any], tag: 
 
 # ----------------------------------------------------------------------------- nested helpers
 
-def _map(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(_map(o, fn) for o in obj)
-    if isinstance(obj, list):
-        return [_map(o, fn) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _map(v, fn) for k, v in obj.items()}
-    return obj
-
-
 def _clone(obj: Any) -> Any:
-    return _map(obj, lambda t: t.detach().clone())
+    return map_tensors(obj, lambda t: t.detach().clone())
 
 
 def _detach(obj: Any) -> Any:
-    return _map(obj, lambda t: t.detach())
-
-
-def _copy_into(dst: Any, src: Any) -> None:
-    if isinstance(dst, torch.Tensor):
-        dst.copy_(src)
-    elif isinstance(dst, (tuple, list)):
-        for d, s in zip(dst, src):
-            _copy_into(d, s)
-    elif isinstance(dst, dict):
-        for k in dst:
-            _copy_into(dst[k], src[k])
+    return map_tensors(obj, lambda t: t.detach())
 
 
 def _store(extra: Dict[Any, Any], key: Any, value: torch.Tensor) -> torch.Tensor:

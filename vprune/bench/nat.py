@@ -103,7 +103,8 @@ class GraphedForward:
         self.pool = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from vprune.nat import _clone, _copy_into, _signature
+        from vprune.nat import _clone, _signature
+        from vprune.nested import copy_into
 
         key = _signature(args, kwargs)
         entry = self.graphs.get(key)
@@ -119,8 +120,8 @@ class GraphedForward:
             self.graphs[key] = (g, static_args, static_kwargs, static_out)
             return out
         g, static_args, static_kwargs, static_out = entry
-        _copy_into(static_args, args)
-        _copy_into(static_kwargs, kwargs)
+        copy_into(static_args, args)
+        copy_into(static_kwargs, kwargs)
         g.replay()
         return static_out.clone()
 
