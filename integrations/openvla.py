@@ -88,7 +88,7 @@ import inspect
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -208,16 +208,29 @@ def _bool_allowed(mask: torch.Tensor) -> torch.Tensor:
 
 
 _CONSTANTS: Dict[Tuple[Any, ...], Any] = {}
+_PER_KIND = 32  # entries kept of a kind whose keys vary with the prompt length (``bounded``)
+
+
+def _constant(key: Tuple[Any, ...], build: Callable[[], Any], bounded: bool = False) -> Any:
+    """The value ``build()`` for ``key``, built once (outside inference mode, so that calls with
+    autograd on may use it) and cached in ``_CONSTANTS``. bounded: keys of this kind (``key[0]``)
+    vary with the prompt length; keep at most ``_PER_KIND`` of them."""
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        with torch.inference_mode(False):
+            hit = build()
+        if bounded:
+            stale = [k for k in _CONSTANTS if k[0] == key[0]]
+            if len(stale) >= _PER_KIND:
+                for k in stale:
+                    del _CONSTANTS[k]
+        _CONSTANTS[key] = hit
+    return hit
 
 
 def _scalar(value: float) -> torch.Tensor:
     """A cached fp32 0-dim CPU tensor holding ``value``."""
-    key = ("scalar", value)
-    t = _CONSTANTS.get(key)
-    if t is None:
-        with torch.inference_mode(False):
-            t = _CONSTANTS[key] = torch.tensor(value, dtype=torch.float32)
-    return t
+    return _constant(("scalar", value), lambda: torch.tensor(value, dtype=torch.float32))
 
 
 def _transposed(weight: torch.Tensor) -> torch.Tensor:
@@ -239,39 +252,27 @@ _TRANSPOSED: Dict[int, Tuple[Any, torch.Tensor]] = {}
 def _rotate_half(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """(perm int64 [Dh], signs [Dh]) with x[..., perm] * signs == cat(-x[..., h:], x[..., :h]),
     h = Dh // 2 (Llama's rotate_half), cached."""
-    key = ("rotate_half", head_dim, dtype, device)
-    hit = _CONSTANTS.get(key)
-    if hit is None:
+    def build() -> Tuple[torch.Tensor, torch.Tensor]:
         half = head_dim // 2
-        with torch.inference_mode(False):
-            perm = torch.cat([torch.arange(half, head_dim), torch.arange(half)]).to(device)
-            signs = torch.ones(head_dim, dtype=dtype, device=device)
-            signs[: head_dim - half] = -1
-        hit = _CONSTANTS[key] = (perm, signs)
-    return hit
+        perm = torch.cat([torch.arange(half, head_dim), torch.arange(half)]).to(device)
+        signs = torch.ones(head_dim, dtype=dtype, device=device)
+        signs[: head_dim - half] = -1
+        return perm, signs
+    return _constant(("rotate_half", head_dim, dtype, device), build)
 
 
 def _head_map(n_heads: int, n_kv: int, device: torch.device) -> torch.Tensor:
     """int64 [H]: the K/V head of each query head (GQA), cached."""
-    key = ("heads", n_heads, n_kv, device)
-    t = _CONSTANTS.get(key)
-    if t is None:
-        with torch.inference_mode(False):
-            t = torch.arange(n_heads, device=device) // (n_heads // n_kv)
-        _CONSTANTS[key] = t
-    return t
+    return _constant(("heads", n_heads, n_kv, device),
+                     lambda: torch.arange(n_heads, device=device) // (n_heads // n_kv))
 
 
 def _seq_parts(b: int, n: int, length: int) -> Tuple[np.ndarray, np.ndarray]:
     """int64 [B, VISUAL_START] and [B, L - VISUAL_START - N]: the prefill positions around the visual
     tokens (always kept), cached."""
-    key = ("seq", b, n, length)
-    hit = _CONSTANTS.get(key)
-    if hit is None:
-        head = np.tile(np.arange(VISUAL_START, dtype=np.int64), (b, 1))
-        tail = np.tile(np.arange(VISUAL_START + n, length, dtype=np.int64), (b, 1))
-        hit = _CONSTANTS[key] = (head, tail)
-    return hit
+    return _constant(("seq", b, n, length),
+                     lambda: (np.tile(np.arange(VISUAL_START, dtype=np.int64), (b, 1)),
+                              np.tile(np.arange(VISUAL_START + n, length, dtype=np.int64), (b, 1))))
 
 
 def _project(linear: Any, x: torch.Tensor) -> torch.Tensor:
@@ -387,18 +388,8 @@ def _causal_bias(length: int) -> torch.Tensor:
     """fp32 [L, L]: -inf above the diagonal (the keys each prefill row may not attend: ``_row_mask``'s
     causal rows without padding), 0 elsewhere, cached per length. Added to logits it gives the bits
     of ``masked_fill(~allowed, -inf)`` (x + 0 is x; a zero's sign does not change the softmax)."""
-    key = ("causal", length)
-    t = _CONSTANTS.get(key)
-    if t is None:
-        with torch.inference_mode(False):
-            t = torch.zeros(length, length).masked_fill_(
-                torch.ones(length, length, dtype=torch.bool).triu_(1), float("-inf"))
-        stale = [k for k in _CONSTANTS if k[0] == "causal"]
-        if len(stale) >= 32:  # prompts of many lengths: keep the cache small
-            for k in stale:
-                del _CONSTANTS[k]
-        _CONSTANTS[key] = t
-    return t
+    return _constant(("causal", length), lambda: torch.zeros(length, length).masked_fill_(
+        torch.ones(length, length, dtype=torch.bool).triu_(1), float("-inf")), bounded=True)
 
 
 def _plan_mean_scores(plan: _RowPlan, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -589,17 +580,9 @@ def _batchable(rows: List[Tuple[Any, ...]]) -> bool:
 def _rows_causal(r: int, t: int, device: torch.device) -> torch.Tensor:
     """bool [1, 1, R, T]: row i of R consecutive decode rows may attend the first T - R + 1 + i keys,
     cached."""
-    key = ("rows_causal", r, t, device)
-    hit = _CONSTANTS.get(key)
-    if hit is None:
-        with torch.inference_mode(False):
-            hit = torch.ones(r, t, dtype=torch.bool, device=device).tril_(t - r).view(1, 1, r, t)
-        stale = [k for k in _CONSTANTS if k[0] == "rows_causal"]
-        if len(stale) >= 32:  # prompts of many lengths: keep the cache small
-            for k in stale:
-                del _CONSTANTS[k]
-        _CONSTANTS[key] = hit
-    return hit
+    return _constant(("rows_causal", r, t, device),
+                     lambda: torch.ones(r, t, dtype=torch.bool, device=device).tril_(t - r).view(1, 1, r, t),
+                     bounded=True)
 
 
 def _rows_allowed(rows: List[Tuple[Any, ...]], t: int, device: torch.device) -> Optional[torch.Tensor]:
