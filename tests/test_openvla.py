@@ -691,19 +691,24 @@ def _rollout_record(policy, proc, seeds, keep=0.25, strategy="dual", semantic="l
     return rec
 
 
-def _count_prefill_mean_fast(monkeypatch):
-    """A dict whose "calls" counts the runs of prefill_mean's CPU fast path from now on."""
+def _count_calls(monkeypatch, name):
+    """A dict whose "calls" counts, from now on, the calls of ``vprune.integrations.openvla.<name>``."""
     from vprune.integrations import openvla
 
     seen = {"calls": 0}
-    original = openvla._plan_mean_scores
+    original = getattr(openvla, name)
 
     def counted(*args):
         seen["calls"] += 1
         return original(*args)
 
-    monkeypatch.setattr(openvla, "_plan_mean_scores", counted)
+    monkeypatch.setattr(openvla, name, counted)
     return seen
+
+
+def _count_prefill_mean_fast(monkeypatch):
+    """A dict whose "calls" counts the runs of prefill_mean's CPU fast path from now on."""
+    return _count_calls(monkeypatch, "_plan_mean_scores")
 
 
 @pytest.mark.parametrize("keep,semantic", [(0.25, "last"), (0.125, "last"), (0.25, "prefill_mean")])
@@ -883,14 +888,7 @@ def test_batched_decode_rows_match_the_per_row_general_path(monkeypatch, kind, a
     and above K."""
     from vprune.integrations import openvla
 
-    seen = {"calls": 0}
-    original = openvla._batched_rows_total
-
-    def counted(*args):
-        seen["calls"] += 1
-        return original(*args)
-
-    monkeypatch.setattr(openvla, "_batched_rows_total", counted)
+    seen = _count_calls(monkeypatch, "_batched_rows_total")
     monkeypatch.setattr(openvla, "_FAST_PATHS", False)
 
     def run(batched):
