@@ -24,13 +24,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-SHAPE = dict(
-    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                image_size=56, patch_size=14, projection_dim=32, hidden_act="quick_gelu"),
-    text=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5),
-    image_token_id=120, vision_feature_layer=-2,
-)
+from vprune.bench.vlm import LLAVA_TINY
+
+# the bench's tiny LLaVA with 6 decoder layers (K=2 leaves 4 pruned layers in the graph)
+SHAPE = dict(LLAVA_TINY, text=dict(LLAVA_TINY["text"], num_hidden_layers=6))
 LAYER = 2
 KEEP = 4
 NEW_TOKENS = 8
