@@ -39,8 +39,8 @@ One control step (one ``predict_action`` / ``generate`` call) runs like this:
    rows are then the action rows, and the semantic row is the prompt row before them.
 3. The next prefill (a new control step) appends that mean to the history before it selects.
 
-CPU fast paths (``_FAST_PATHS``; the same numbers as the general code, checked bit for bit by
-tests/test_openvla.py): without padding the scoring rows are plain slices and need no row mask; when
+CPU fast paths (``_FAST_PATHS``; with ``_BATCHED_DECODE`` off the same numbers as the general code,
+checked bit for bit by tests/test_openvla.py): without padding the scoring rows are plain slices and need no row mask; when
 the action layer is K-1 the semantic row is also the first action row and is scored once; a decode
 step on the CPU only keeps what its row's score needs (the layer's input row, its RoPE row, the keys
 the cache holds then: a DynamicCache appends new tensors), and the rows are scored at the next step's
@@ -51,6 +51,9 @@ deferred rows are summed, averaged and zeroed in NumPy; ``dual`` selection runs 
 ``semantic="prefill_mean"`` scores all L prefill rows through the plan (one q_proj matmul, RoPE once,
 a cached additive causal mask per length, the general path's shapes for the matmul, softmax and
 means), and its last row, the first action row when the action layer is K-1, joins the deferred rows.
+With ``_BATCHED_DECODE`` (the default) the deferred decode rows of a step are scored in one computation
+over the last row's keys (``_plan_batched_rows``) and prefill_mean's last row is taken from its
+all-rows attention: the same keep sets and actions, action scores within fp32 rounding (tests).
 On the testbed CPU each small torch op (a view too) costs 5-60 us inside a policy step, so these cut
 vprune's own time per step from ~5 ms to ~1.2 ms (``vprune eval vla``; scoring + selection ~0.9-1.0
 ms of it). Off the CPU fast path (CUDA, other dtypes, ``_FAST_PATHS`` off) a decode step also only keeps
@@ -112,9 +115,12 @@ VISUAL_START = 1  # the host inserts the patches right after BOS
 # tests/test_openvla.py switches them off to compare.
 _FAST_PATHS = True
 
-# Decode steps off the CPU fast path (other devices, other dtypes, ``_FAST_PATHS`` off) keep their
-# row's inputs and are scored together at the next step's scoring, in one batched computation
-# (``_batched_rows_total``); off: each is scored inside its decode forward (the reference general path).
+# Action rows scored together: decode steps off the CPU fast path (other devices, other dtypes,
+# ``_FAST_PATHS`` off) keep their row's inputs and are scored at the next step's scoring in one batched
+# computation (``_batched_rows_total``); on the CPU fast path the deferred decode rows share one
+# computation too (``_plan_batched_rows``) and prefill_mean's last row comes from its all-rows attention.
+# Scores equal scoring each row alone within fp32 rounding. Off: each row scored alone (the reference
+# numbers; the general path then scores each decode row inside its decode forward).
 _BATCHED_DECODE = True
 
 
@@ -289,8 +295,8 @@ class _RowPlan:
     and the two fp32 0-dim scalars. Each lookup costs 1-5 us of Python on the testbed CPU (device
     objects, tuple keys, ``nn.Module.__getattr__``): about 40 us a row without the plan."""
 
-    __slots__ = ("proj", "weight", "w_t", "n_heads", "head_dim", "perm", "signs", "head_map", "scale", "heads",
-                 "scale_f")
+    __slots__ = ("proj", "weight", "w_t", "n_heads", "n_kv", "head_dim", "half", "perm", "signs", "head_map",
+                 "scale", "heads", "scale_f")
 
     def __init__(self, proj: torch.nn.Linear, geometry: Tuple[int, int, int, float]) -> None:
         n_heads, n_kv, head_dim, scale = geometry
@@ -298,7 +304,8 @@ class _RowPlan:
         self.proj = proj
         self.weight = proj.weight
         self.w_t = _transposed(proj.weight)
-        self.n_heads, self.head_dim = n_heads, head_dim
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
+        self.half = head_dim // 2  # rotate_half's x[..., perm] is x.roll(half, -1) (one copy, no index)
         self.perm, self.signs = _rotate_half(head_dim, torch.float32, cpu)
         self.head_map = _head_map(n_heads, n_kv, cpu) if n_kv != n_heads else None
         self.scale = _scalar(scale)
@@ -326,8 +333,9 @@ def _row_plan(attn: Any, geometry: Optional[Tuple[int, int, int, float]] = None)
     proj = attn._modules.get("q_proj")
     plan = None
     if type(proj) is torch.nn.Linear and proj.weight.dtype == torch.float32 and proj.weight.device.type == "cpu":
-        plan = _RowPlan(proj, geometry if geometry is not None else _compat.attention_geometry(attn))
-        if not plan.valid_for(attn):
+        geometry = geometry if geometry is not None else _compat.attention_geometry(attn)
+        plan = _RowPlan(proj, geometry) if geometry[2] % 2 == 0 else None  # rotate_half needs an even Dh
+        if plan is not None and not plan.valid_for(attn):
             plan = None
     if len(_PLANS) > 256:  # dead entries of unloaded models
         for key in [key for key, (ref, _) in _PLANS.items() if ref() is None]:
@@ -362,7 +370,7 @@ def _plan_rows_scores(plan: _RowPlan, jobs: Sequence[Tuple[torch.Tensor, ...]]) 
         cos = torch.cat([job[1] if job[1].shape[0] == b else job[1].expand(b, -1, -1) for job in jobs])
         sin = torch.cat([job[2] if job[2].shape[0] == b else job[2].expand(b, -1, -1) for job in jobs])
     q = q.view(r * b, n_heads, head_dim)  # cos / sin [R*B|1, 1, Dh] broadcast over the heads
-    q = q * cos + q.index_select(-1, plan.perm) * (sin * plan.signs)
+    q = q * cos + q.roll(plan.half, -1) * (sin * plan.signs)
     rows = q.view(r, b * n_heads, 1, head_dim).unbind(0)  # [B*H, 1, Dh] per row
     return [_plan_attend(plan, q_row, job[3]) for q_row, job in zip(rows, jobs)]
 
@@ -384,6 +392,38 @@ def _plan_attend(plan: _RowPlan, q: torch.Tensor, k: torch.Tensor) -> torch.Tens
     return heads_sum.div_(plan.heads)
 
 
+def _plan_batched_rows(plan: _RowPlan, rows: List[Tuple[Any, ...]]) -> torch.Tensor:
+    """The attention [B, R, T] of R ``_consecutive`` decode rows without mask rows (the CPU fast path's
+    records) over the last row's keys [B, Hkv, T, Dh], through a ``_RowPlan``, in one computation:
+    one q_proj matmul, RoPE once, one fp32 q k^T per key head for its G query heads and R rows
+    (no copy of the keys), a cached additive mask (row i attends the first T - R + 1 + i keys), one
+    softmax, the head mean. ``_plan_rows_scores`` runs about 8 torch calls a row (each costs 5-60 us
+    inside a policy step); the numbers equal it within fp32 rounding (the matmuls over more rows and
+    the softmax over the masked longer rows round in another order), not bit for bit."""
+    b, r = rows[0][2].shape[0], len(rows)
+    n_heads, head_dim = plan.n_heads, plan.head_dim
+    k = rows[-1][5]
+    bk, n_kv, t, _ = k.shape
+    group = n_heads // n_kv
+    hidden = torch.cat([rec[2].view(b, 1, -1) for rec in rows], dim=1)  # [B, R, D]
+    cos, sin = (_stack_rope([rec[i] for rec in rows], b).unsqueeze(2) for i in (3, 4))  # [B|1, R, 1, Dh]
+    q = torch.mm(hidden.view(b * r, -1), plan.w_t).view(b, r, n_heads, head_dim)
+    q = q * cos + q.roll(plan.half, -1) * (sin * plan.signs)
+    # [B, R, Hkv, G, Dh] -> [B*Hkv, G*R, Dh]: query head h = kv * G + g reads key head kv
+    q = q.view(b, r, n_kv, group, head_dim).permute(0, 2, 3, 1, 4).reshape(b * n_kv, group * r, head_dim)
+    logits = torch.bmm(q, k.reshape(bk * n_kv, t, head_dim).transpose(1, 2)).view(b, n_heads, r, t)
+    logits = torch.add(_rows_bias(r, t), logits, alpha=plan.scale_f)
+    probs = torch.softmax(logits, dim=-1)
+    return probs.sum(dim=1).div_(plan.heads)
+
+
+def _rows_bias(r: int, t: int) -> torch.Tensor:
+    """fp32 [R, T] CPU: 0 where row i of R consecutive decode rows may attend (the first T - R + 1 + i
+    keys), -inf elsewhere, cached."""
+    return _constant(("rows_bias", r, t), lambda: torch.zeros(r, t).masked_fill_(
+        ~torch.ones(r, t, dtype=torch.bool).tril_(t - r), float("-inf")), bounded=True)
+
+
 def _causal_bias(length: int) -> torch.Tensor:
     """fp32 [L, L]: -inf above the diagonal (the keys each prefill row may not attend: ``_row_mask``'s
     causal rows without padding), 0 elsewhere, cached per length. Added to logits it gives the bits
@@ -393,10 +433,10 @@ def _causal_bias(length: int) -> torch.Tensor:
 
 
 def _plan_mean_scores(plan: _RowPlan, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      k: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+                      k: torch.Tensor, blocked: torch.Tensor, last_row: bool = False) -> Any:
     """``semantic="prefill_mean"`` without padding through a ``_RowPlan``: the attention [B, T] of every
     row of ``hidden`` [B, L, D] (cos/sin [B|1, L, Dh]) over ``k`` [B, Hkv, T, Dh], averaged over heads,
-    then over rows. blocked: the keys a row may not attend, bool [B|1, 1|H, L, T], or the fp32 [L, L]
+    then over rows; with ``last_row``, also the last row's head mean [B, T] (a view). blocked: the keys a row may not attend, bool [B|1, 1|H, L, T], or the fp32 [L, L]
     ``_causal_bias``. The ops and shapes of ``_query_keys`` + ``attention_row_scores`` with all-ones
     row weights (q_proj as one [B*L, D] matmul, RoPE, fp32 q k^T * scale, -inf fill, softmax, head
     mean, row mean): the same numbers. No row is fully masked (the caller checks): no zero fill."""
@@ -404,14 +444,14 @@ def _plan_mean_scores(plan: _RowPlan, hidden: torch.Tensor, cos: torch.Tensor, s
     n_heads, head_dim = plan.n_heads, plan.head_dim
     q = torch.mm(hidden.reshape(b * length, -1), plan.w_t).view(b, length, n_heads, head_dim)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B|1, L, 1, Dh]: broadcast over the heads
-    q = q * cos + q.index_select(-1, plan.perm) * (sin * plan.signs)
-    q = q.transpose(1, 2).reshape(b * n_heads, length, head_dim)  # the copy matmul makes
-    bk, _, t, d = k.shape
-    if plan.head_map is not None:
-        k = k.index_select(1, plan.head_map).view(bk * n_heads, t, d)
-    else:
-        k = k.reshape(bk * n_heads, t, d)
-    logits = torch.bmm(q, k.transpose(1, 2))
+    q = q * cos + q.roll(plan.half, -1) * (sin * plan.signs)
+    bk, n_kv, t, d = k.shape
+    # GQA without repeating the keys: the G query heads of key head kv (h = kv * G + g) are one
+    # [G*L, Dh] block of q, multiplied by that head's keys once (the same products: the tests
+    # compare them bit for bit with the general path's repeated keys)
+    q = q.transpose(1, 2).reshape(b * n_kv, -1, head_dim)  # [B*Hkv, G*L, Dh]: a copy
+    logits = torch.bmm(q, k.reshape(bk * n_kv, t, d).transpose(1, 2))
+    logits = logits.view(b * n_heads, length, t)
     if blocked.dtype == torch.bool:
         logits.mul_(plan.scale)
         logits.view(b, n_heads, length, t).masked_fill_(blocked, float("-inf"))
@@ -419,7 +459,8 @@ def _plan_mean_scores(plan: _RowPlan, hidden: torch.Tensor, cos: torch.Tensor, s
         logits = torch.add(blocked, logits, alpha=plan.scale_f)
     probs = torch.softmax(logits, dim=-1).view(b, n_heads, length, t)
     rows = probs.sum(dim=1).div_(plan.heads)  # the head mean [B, L, T] (mean's sum, then div_)
-    return rows.sum(dim=1).div_(_scalar(float(length)))  # the row mean (weights all 1: sum / L)
+    mean = rows.sum(dim=1).div_(_scalar(float(length)))  # the row mean (weights all 1: sum / L)
+    return (mean, rows[:, -1]) if last_row else mean
 
 
 def _plannable(h_row: torch.Tensor, cos_r: torch.Tensor, k: torch.Tensor) -> bool:
@@ -541,9 +582,13 @@ def _score_decode_rows(total: Optional[torch.Tensor], rows: List[Tuple[Any, ...]
             vis = _score_decode_row(rec)
             total = vis if total is None else total + vis
         return total, None
-    # every row through one plan: RoPE once for all of them (and this step's semantic row)
-    jobs = [rec[2:6] for rec in rows] + ([extra[1:]] if with_extra else [])
-    probs = _plan_rows_scores(plan, jobs)
+    if _BATCHED_DECODE and len(rows) > 1 and _consecutive(rows):  # one attention over the last row's keys
+        probs = list(_plan_batched_rows(plan, rows).unbind(1))
+        if with_extra:  # this step's semantic row: scored alone (its own numbers)
+            probs.append(_plan_row_scores(*extra))
+    else:  # every row through one plan: RoPE once for all of them (and this step's semantic row)
+        jobs = [rec[2:6] for rec in rows] + ([extra[1:]] if with_extra else [])
+        probs = _plan_rows_scores(plan, jobs)
     if host and (total is None or (total.is_cpu and total.dtype is torch.float32 and not total.requires_grad)):
         total = None if total is None else total.numpy()
         for rec, p in zip(rows, probs):
@@ -557,15 +602,19 @@ def _score_decode_rows(total: Optional[torch.Tensor], rows: List[Tuple[Any, ...]
 
 
 def _batchable(rows: List[Tuple[Any, ...]]) -> bool:
-    """Whether ``_batched_rows_total`` takes these decode rows: general rows (not the CPU fast path's),
-    one attention module, batch size, kept set and N, mask rows all present or all absent, and keys
-    of one layout whose length grows by one per row. DynamicCache (transformers 4.40 ``key_cache[i]``,
-    5.x ``layers[i].keys``) replaces its keys by ``cat(old, new)`` at each update, so every earlier
-    row's keys are then a prefix of the last row's."""
+    """Whether ``_batched_rows_total`` takes these decode rows: general rows (the CPU fast path's go
+    through ``_plan_batched_rows``) that are ``_consecutive``."""
+    return _BATCHED_DECODE and not (_FAST_PATHS and rows[0][5].is_cpu) and _consecutive(rows)
+
+
+def _consecutive(rows: List[Tuple[Any, ...]]) -> bool:
+    """Whether decode rows can be scored together over the last row's keys: one attention module,
+    batch size, kept set and N, mask rows all present or all absent, and keys of one layout whose
+    length grows by one per row. DynamicCache (transformers 4.40 ``key_cache[i]``, 5.x
+    ``layers[i].keys``) replaces its keys by ``cat(old, new)`` at each update, so every earlier row's
+    keys are then a prefix of the last row's."""
     first = rows[0]
     k0 = first[5]
-    if not _BATCHED_DECODE or (_FAST_PATHS and k0.is_cpu):
-        return False
     attn, b, kept, n, t0, masked = first[0], first[2].shape[0], first[7], first[8], k0.shape[-2], first[6] is not None
     for r, rec in enumerate(rows):
         k = rec[5]
@@ -1347,8 +1396,12 @@ class OpenVLAIntegration(Integration):
         blocked = None if plan is None else self._prefill_blocked(kwargs, length)
         if blocked is None:
             return None
-        job = None  # the last row as the first action row (the action layer is K-1): scored with the
-        if rt.query_rows == 1 and rt.needs_action and rt.action_layer == layer_idx:  # decode rows
+        seeds = rt.query_rows == 1 and rt.needs_action and rt.action_layer == layer_idx
+        if seeds and _BATCHED_DECODE:  # the last row as the first action row, from the rows computed
+            rt.commit_stashed()         # here (the numbers of scoring it alone within fp32 rounding)
+            return _plan_mean_scores(plan, hidden, cos, sin, k, blocked, last_row=True)
+        job = None  # the last row as the first action row (the action layer is K-1): scored alone (the
+        if seeds:   # general path's numbers), with the decode rows
             if blocked.dtype == torch.bool:  # a host mask: its last row may need masking
                 job = self._last_row_job(attn, layer_idx, args, kwargs, length - 1, length)
             else:  # causal: the last row attends every key (``_last_row_job``'s job, without lookups)

@@ -698,9 +698,9 @@ def _count_calls(monkeypatch, name):
     seen = {"calls": 0}
     original = getattr(openvla, name)
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         seen["calls"] += 1
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(openvla, name, counted)
     return seen
@@ -722,15 +722,19 @@ def test_fast_paths_keep_the_same_tokens_as_the_general_paths(monkeypatch, keep,
 
     policy, proc = testbed.load_policy(), testbed.load_processor()
     seen = _count_prefill_mean_fast(monkeypatch)
+    batched = _rollout_record(policy, proc, [1, 2], keep=keep, semantic=semantic)
+    monkeypatch.setattr(openvla, "_BATCHED_DECODE", False)  # each action row scored alone
     fast = _rollout_record(policy, proc, [1, 2], keep=keep, semantic=semantic)
     assert (seen["calls"] > 0) == (semantic == "prefill_mean")  # the fast path ran
-    monkeypatch.setattr(openvla, "_FAST_PATHS", False)
-    monkeypatch.setattr(openvla, "_BATCHED_DECODE", False)  # the reference: each decode row scored alone
+    monkeypatch.setattr(openvla, "_FAST_PATHS", False)  # the reference
     general = _rollout_record(policy, proc, [1, 2], keep=keep, semantic=semantic)
     assert len(fast) == len(general) > 10
     assert sum(r[0] is not None for r in fast) > 5
     for step, (a, b) in enumerate(zip(fast, general)):
         assert a == b, f"step {step} differs"
+    # rows scored together (decode rows over the last row's keys, prefill_mean's last row from its
+    # all-rows attention): the same tokens and actions, the history within fp32 rounding
+    _assert_close_episodes(batched, general)
 
 
 def test_row_scores_equal_the_query_keys_path():
@@ -823,9 +827,9 @@ def test_fast_paths_match_the_general_paths_for_any_action_layer(monkeypatch, la
     the same keep sets, tokens, semantic scores and history bits over several control steps."""
     from vprune.integrations import openvla
 
-    def run(fast):
+    def run(fast, batched=False):
         monkeypatch.setattr(openvla, "_FAST_PATHS", fast)
-        monkeypatch.setattr(openvla, "_BATCHED_DECODE", fast)  # general: each decode row scored alone
+        monkeypatch.setattr(openvla, "_BATCHED_DECODE", batched)  # off: each action row scored alone
         config = vprune.VisualPruning(keep=0.25, layer=layer, action_layer=action_layer, warmup=1,
                                       semantic=semantic)
         return _record_steps(_testbed(seed=5), config, batch)
@@ -837,6 +841,9 @@ def test_fast_paths_match_the_general_paths_for_any_action_layer(monkeypatch, la
     assert seen["calls"] in (0, 4)  # and only there
     assert fast == general
     assert fast[-1][2] is not None
+    together = _count_calls(monkeypatch, "_plan_batched_rows")
+    _assert_close_records(run(True, batched=True), general)  # rows scored together: fp32 rounding
+    assert together["calls"] >= 3  # every step after the first scored its predecessor's decode rows so
 
 
 @pytest.mark.parametrize("kind,attn", [("tiny", "sdpa"), ("tiny", "eager"), ("testbed", "sdpa")])
@@ -847,9 +854,9 @@ def test_prefill_mean_fast_path_scores_equal_the_general_path(monkeypatch, kind,
     and the same keep sets, actions and history."""
     from vprune.integrations import openvla
 
-    def run(fast):
+    def run(fast, batched=False):
         monkeypatch.setattr(openvla, "_FAST_PATHS", fast)
-        monkeypatch.setattr(openvla, "_BATCHED_DECODE", fast)  # general: each decode row scored alone
+        monkeypatch.setattr(openvla, "_BATCHED_DECODE", batched)  # off: each action row scored alone
         config = vprune.VisualPruning(keep=0.25, semantic="prefill_mean", warmup=1)
         return _record_steps(_host(kind, seed=6, attn=attn), config, batch, steps=3)
 
@@ -861,9 +868,24 @@ def test_prefill_mean_fast_path_scores_equal_the_general_path(monkeypatch, kind,
         assert torch.equal(torch.frombuffer(bytearray(a[3]), dtype=torch.float32),
                            torch.frombuffer(bytearray(b[3]), dtype=torch.float32))
     assert fast == general
+    batched = run(True, batched=True)  # the last row from the all-rows attention: the same semantic
+    assert [r[3] for r in batched] == [r[3] for r in general]  # scores, the history within rounding
+    _assert_close_records(batched, general)
 
 
 # ------------------------------------------------------- batched decode rows (general path, any device)
+def _assert_close_episodes(batched, general):
+    """Records of ``_rollout_record``: the same keep sets and actions, history within fp32 rounding."""
+    assert len(batched) == len(general)
+    for step, (a, b) in enumerate(zip(batched, general)):
+        assert a[:2] == b[:2], f"step {step} differs"
+        assert (a[2] is None) == (b[2] is None)
+        if a[2] is not None:
+            torch.testing.assert_close(torch.frombuffer(bytearray(a[2]), dtype=torch.float32),
+                                       torch.frombuffer(bytearray(b[2]), dtype=torch.float32),
+                                       atol=1e-6, rtol=1e-5)
+
+
 def _assert_close_records(batched, general, atol=1e-6):
     """Records of ``_record_steps``: the same keep sets and actions; history and semantic bytes equal
     within fp32 rounding."""
@@ -917,12 +939,7 @@ def test_batched_decode_rows_over_testbed_episodes(monkeypatch):
     monkeypatch.setattr(openvla, "_BATCHED_DECODE", False)
     general = _rollout_record(policy, proc, [1, 2, 3])
     assert len(batched) == len(general) > 10 and sum(r[0] is not None for r in batched) > 5
-    for step, (a, b) in enumerate(zip(batched, general)):
-        assert a[:2] == b[:2], f"step {step} differs"
-        if a[2] is not None:
-            torch.testing.assert_close(torch.frombuffer(bytearray(a[2]), dtype=torch.float32),
-                                       torch.frombuffer(bytearray(b[2]), dtype=torch.float32),
-                                       atol=1e-6, rtol=1e-5)
+    _assert_close_episodes(batched, general)
 
 
 @pytest.mark.parametrize("action_layer", [1, 3])
