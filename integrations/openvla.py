@@ -100,9 +100,10 @@ from vprune.config import TechniqueConfig, VisualPruning
 from vprune.errors import IncompatibleModelError, MissingInputsError, VPruneError
 from vprune.kernels import gather_rows
 from vprune.integrations import _compat
+from vprune.integrations._transfer import to_device
 from vprune.integrations.registry import Integration
 from vprune.scoring import attention_row_scores, attention_rows
-from vprune.selection import dual_select, dual_select_host, select_tokens
+from vprune.selection import dual_select, dual_select_host, dual_select_packed, select_tokens
 from vprune.temporal import ActionHistory
 from vprune.undo import vprune_subclass
 
@@ -122,6 +123,13 @@ _FAST_PATHS = True
 # Scores equal scoring each row alone within fp32 rounding. Off: each row scored alone (the reference
 # numbers; the general path then scores each decode row inside its decode forward).
 _BATCHED_DECODE = True
+
+# ``dual`` selection on an accelerator at batch sizes where it pays (B * N * N <= 2**22): the cosine
+# similarities on the device, one copy of them and the scores to the host (the torch path syncs for
+# its NaN check anyway), top-k, union and the greedy loop in NumPy, the keep indices back in one
+# pinned non-blocking upload (``vprune.selection.dual_select_packed``): the same indices as the torch
+# path, whose greedy loop launches ~6 kernels a step. Off: the torch path.
+_HOST_SELECT = True
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -746,6 +754,7 @@ class _Runtime:
     kept_visual: Optional[torch.Tensor] = None    # [B, M] ascending, None when unpruned
     unkept: Optional[np.ndarray] = None           # int64 [N - M] the pruned visual tokens (batch 1, host path)
     keep_seq: Optional[torch.Tensor] = None       # [B, L'] kept positions of the prefill sequence
+    upload: Any = None                            # the pinned host buffer of the last keep upload
     scored_sum: Optional[torch.Tensor] = None     # [B, N] sum of the action rows scored so far
     action_rows: int = 0                          # action rows this control step (scored or pending)
     pending: List[Tuple[Any, ...]] = field(default_factory=list)  # decode rows not scored yet
@@ -813,6 +822,7 @@ class _Runtime:
         self.kept_visual = None
         self.unkept = None
         self.keep_seq = None
+        self.upload = None
         self.scored_sum = None
         self.pending = []
         self.action_rows = 0
@@ -1449,14 +1459,20 @@ class OpenVLAIntegration(Integration):
             host = None
             if config.strategy == "dual" and len(budgets) == 1:  # CPU: NumPy (None elsewhere)
                 host = dual_select_host(semantic, action, emb, budgets[0]) if _FAST_PATHS else None
+                if host is None and _HOST_SELECT and not semantic.is_cpu:  # an accelerator: the loop on the host
+                    host = dual_select_packed(semantic, action, emb, budgets[0])
             if host is not None:  # the keep indices in NumPy too: a few calls instead of six torch ops
                 head, tail = _seq_parts(b, n, rt.seq_len)
-                rt.kept_visual = torch.from_numpy(host)
-                rt.keep_seq = torch.from_numpy(np.concatenate((head, host + VISUAL_START, tail), axis=1))
-                if b == 1 and rt.action_layer < rt.layer:  # the pruned ones, for the action score's zeros
-                    pruned = np.ones(n, dtype=bool)
-                    pruned[host[0]] = False
-                    rt.unkept = np.flatnonzero(pruned)
+                kept = torch.from_numpy(host)
+                keep_seq = torch.from_numpy(np.concatenate((head, host + VISUAL_START, tail), axis=1))
+                if emb.is_cpu:
+                    rt.kept_visual, rt.keep_seq = kept, keep_seq
+                    if b == 1 and rt.action_layer < rt.layer:  # the pruned ones, for the action score's zeros
+                        pruned = np.ones(n, dtype=bool)
+                        pruned[host[0]] = False
+                        rt.unkept = np.flatnonzero(pruned)
+                else:  # one pinned non-blocking upload of both (no sync)
+                    (rt.kept_visual, rt.keep_seq), rt.upload = to_device([kept, keep_seq], emb.device)
             else:
                 picks = []
                 for i, m in enumerate(budgets):

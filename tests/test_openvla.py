@@ -973,3 +973,35 @@ def test_batched_decode_rows_with_padding_mask_and_prefix_keys(monkeypatch, acti
     got = openvla._batched_rows_total(None, rows)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert float((got - want).abs().max()) < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_host_selection_on_cuda_keeps_the_torch_paths_tokens(monkeypatch, batch):
+    """On CUDA, dual's loop on the host (one copy of scores + similarities, one pinned upload of the
+    keep indices) keeps the same tokens as the torch path: the same keep sets, actions and history
+    bits over several control steps."""
+    from vprune.integrations import openvla
+
+    def run(host):
+        monkeypatch.setattr(openvla, "_HOST_SELECT", host)
+        model = _testbed(seed=8).cuda()
+        vprune.patch(model, vprune.VisualPruning(keep=0.25, warmup=1))
+        rec = []
+        try:
+            for step in range(4):
+                ids, pix = T.inputs(seed=40 + step, batch=batch)
+                act = _act(model, ids.cuda(), pix.cuda())
+                st = vprune.stats(model)
+                hist = _runtime(model).history.scores
+                rec.append(([s["kept_indices"] for s in st["per_sample"]], act.tolist(),
+                            None if hist is None else hist.cpu().numpy().tobytes()))
+        finally:
+            vprune.unpatch(model)
+        return rec
+
+    seen = _count_calls(monkeypatch, "dual_select_packed")
+    host = run(True)
+    assert seen["calls"] == 3  # every pruned step (the first is warm-up)
+    assert host == run(False)
+    assert seen["calls"] == 3

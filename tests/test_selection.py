@@ -178,3 +178,37 @@ def test_host_cut_with_nan_embeddings_inside_or_outside_the_union(nan_token):
     host = dual_select_host(sem, act, emb, 3)
     assert host is not None
     assert torch.equal(torch.from_numpy(host), _dual_select_torch(sem, act, emb, 3))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_packed_host_selection_matches_the_torch_path(seed):
+    """dual_select for accelerator tensors with its loop on the host (similarities computed by the
+    device op, one copy of scores + similarities, the host loop): every index equals the torch path,
+    ties and duplicate embeddings included; run here on the CPU through the unchecked body."""
+    from vprune.selection import _dual_select_torch, _packed_select, dual_select_packed
+
+    gen = torch.Generator().manual_seed(100 + seed)
+    b, n = (1, 64) if seed % 2 else (3, 37)
+    for k in (1, n // 8 or 1, n // 4, n // 2, n):
+        if seed % 4 < 2:
+            sem, act, emb = _tie_heavy(gen, b, n, 6)
+        else:
+            sem, act, emb = torch.randn(b, n, generator=gen), torch.randn(b, n, generator=gen), torch.randn(b, n, 6, generator=gen)
+        got = _packed_select(sem, act, emb.to(torch.bfloat16) if seed == 5 else emb, k)
+        want = _dual_select_torch(sem, act, emb.to(torch.bfloat16) if seed == 5 else emb, k)
+        assert got.dtype == np.int64 and torch.equal(torch.from_numpy(got), want)
+    assert dual_select_packed(sem, act, emb, 2) is None  # CPU tensors: dual_select_host's job
+    with pytest.raises(ValueError, match="NaN"):
+        _packed_select(torch.tensor([[0.1, float("nan"), 0.3]]), torch.rand(1, 3), torch.rand(1, 3, 2), 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packed_host_selection_on_cuda_matches_the_torch_path():
+    from vprune.selection import _dual_select_torch, dual_select_packed
+
+    gen = torch.Generator().manual_seed(7)
+    for b, n, d, k in ((1, 256, 64, 64), (2, 256, 32, 32), (1, 64, 8, 16)):
+        sem, act = torch.randn(b, n, generator=gen).cuda(), torch.randn(b, n, generator=gen).cuda()
+        emb = torch.randn(b, n, d, generator=gen).cuda().to(torch.bfloat16)
+        got = dual_select_packed(sem, act, emb, k)
+        assert got is not None and torch.equal(torch.from_numpy(got).cuda(), _dual_select_torch(sem, act, emb, k))

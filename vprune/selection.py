@@ -246,7 +246,45 @@ def dual_select_host(semantic: torch.Tensor, action: torch.Tensor, embeddings: t
     if not (_host_path(semantic, action, embeddings) and isinstance(k, int) and not isinstance(k, bool)
             and semantic.dim() == 2 and 1 <= k <= semantic.shape[1]):
         return None
-    sem, act = semantic.tolist(), action.tolist()
+    return _dual_select_lists(semantic.tolist(), action.tolist(), k, lambda: cosine_gram(embeddings).numpy(),
+                              semantic, action)
+
+
+def dual_select_packed(semantic: torch.Tensor, action: torch.Tensor, embeddings: torch.Tensor,
+                       k: int) -> Optional[np.ndarray]:
+    """``dual_select`` for tensors on an accelerator, its loop on the host: an int64 [B, k] array
+    (ascending), the same indices as ``_dual_select_torch``; None where this path does not apply (a CPU
+    tensor, a traced region or CUDA graph capture, a bad k, B * N * N over 2**22).
+
+    The cosine similarities are computed on the device by the torch path's op (``cosine_gram``); the
+    scores and the similarities come to the host in one copy (a sync, where the torch path syncs for
+    its NaN check anyway); top-k, union and the greedy loop run as in ``dual_select_host`` (1 - cos in
+    fp32 rounds as on the device). The torch path launches about six kernels per greedy step (k - 1
+    steps: ~380 launches for k = 64), which at batch 1 costs more host time than the whole copy."""
+    if semantic.is_cpu or _in_traced_region() or not (isinstance(k, int) and not isinstance(k, bool)) \
+            or semantic.dim() != 2 or not 1 <= k <= semantic.shape[1]:
+        return None
+    b, n = semantic.shape
+    if b * n * n > 1 << 22 or action.shape != semantic.shape or embeddings.shape[:2] != (b, n):
+        return None
+    return _packed_select(semantic, action, embeddings, k)
+
+
+def _packed_select(semantic: torch.Tensor, action: torch.Tensor, embeddings: torch.Tensor, k: int) -> np.ndarray:
+    """``dual_select_packed`` without its checks (any device: tests run it on the CPU)."""
+    b, n = semantic.shape
+    packed = torch.cat([semantic.float(), action.to(semantic.device).float(),
+                        cosine_gram(embeddings.to(semantic.device)).view(b, n * n)], dim=1).cpu().numpy()
+    gram = packed[:, 2 * n:].reshape(b, n, n)
+    return _dual_select_lists(packed[:, :n].tolist(), packed[:, n:2 * n].tolist(), k, lambda: gram,
+                              semantic, action)
+
+
+def _dual_select_lists(sem: List[List[float]], act: List[List[float]], k: int, gram_of: Any,
+                       semantic: torch.Tensor, action: torch.Tensor) -> np.ndarray:
+    """The host selection of ``dual_select_host`` / ``dual_select_packed`` over the scores as Python
+    lists; gram_of() gives the fp32 cosine similarities [B, N, N] (called only when a row needs the
+    cut); semantic / action: the tensors, for the NaN error."""
     b, n = len(sem), len(sem[0])
     for rows, t, what in ((sem, semantic, "semantic scores"), (act, action, "action scores")):
         for row in rows:
@@ -262,7 +300,7 @@ def dual_select_host(semantic: torch.Tensor, action: torch.Tensor, embeddings: t
         unions.append(sorted(union))
     if all(len(u) == k for u in unions):
         return np.asarray(unions, dtype=np.int64)
-    gram = cosine_gram(embeddings).numpy()
+    gram = gram_of()
     out = np.empty((b, k), dtype=np.int64)
     for r, idx in enumerate(unions):
         if len(idx) == k:
