@@ -63,7 +63,7 @@ within fp32 rounding: tests/test_openvla.py). ``vprune.stats(model)["overhead_ms
 code by part (scoring, selection, other).
 
 Warm-up: the first ``warmup`` (default ``history``) control steps of an episode run unpruned but still
-record action scores. With a batch, rows are separate environments: history and warm-up are per row;
+record action scores. A budget that keeps every token (keep=1.0) scores and records nothing. With a batch, rows are separate environments: history and warm-up are per row;
 if any row is in warm-up the whole batch runs unpruned that step (shapes must agree across rows).
 
 A new episode: call ``vprune.reset(model)``; the policy's own ``reset()`` (if its class has one) is patched
@@ -766,6 +766,7 @@ class _Runtime:
     memo: Dict[str, Tuple[Any, Any]] = field(default_factory=dict)  # per-call gathered layer inputs
     dense: bool = False                           # no padding in this step's rows (known without a sync)
     needs_action: bool = True                     # the strategy reads action scores ("dual", "action")
+    keeps_all: bool = False                       # this step's budget keeps every token: no scores
     semantic_row: Optional[torch.Tensor] = None   # [B, L] the semantic row's scores (reused as the
                                                   # prefill action row when both are the same row)
     # Host time (perf_counter seconds) spent in vprune's code during this control step, by part:
@@ -822,6 +823,7 @@ class _Runtime:
         self.kept_visual = None
         self.unkept = None
         self.keep_seq = None
+        self.keeps_all = False
         self.upload = None
         self.scored_sum = None
         self.pending = []
@@ -1332,6 +1334,13 @@ class OpenVLAIntegration(Integration):
             config: VisualPruning = state.config
             length = rt.seq_len
             b, n = rt.visual_emb.shape[:2]
+            per = n // rt.n_images
+            if config.budget(per) >= per:  # every token kept (keep=1.0): nothing to score or record
+                rt.keeps_all = True
+                rt.commit_stashed()
+                self._select(state, rt, config)
+                rt.t_selection += time.perf_counter() - t0
+                return None
             seed_row = None  # prefill_mean's fast path: the last row's scores, the first action row
             if config.semantic == "last" and rt.dense:  # no padding: the row is the same in every batch row
                 last = length - 1
@@ -1560,7 +1569,7 @@ class OpenVLAIntegration(Integration):
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
             rt: _Runtime = state.runtime
             if rt.phase not in ("prefill", "decode") or not rt.active or rt.visual_emb is None \
-                    or not rt.needs_action:  # fastv, divprune, ...: no action scores to record
+                    or not rt.needs_action or rt.keeps_all:  # fastv, divprune, keep=1.0: no action scores
                 return None
             if rt.semantic_row is not None and rt.phase == "prefill" and layer_idx == rt.layer - 1:
                 return None  # the semantic hook recorded this row (the same numbers)

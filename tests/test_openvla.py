@@ -571,18 +571,21 @@ def test_chunked_action_head_uses_the_action_query_rows():
     m = T.build(attn="eager", n_layers=4)
     m.config.action_query_rows = 3
     ids, pix = T.inputs(seed=17, prompt_len=8)
-    vprune.patch(m, vprune.VisualPruning(keep=1.0, layer=2, action_layer=1, warmup=0))
+    # layers 0-1 see every token (K=2): the scores at layer 1 are the unpatched model's
+    vprune.patch(m, vprune.VisualPruning(keep=0.5, layer=2, action_layer=1, warmup=0))
     m(input_ids=ids, pixel_values=pix, use_cache=True)
     rt = _runtime(m)
-    assert rt.action_rows == 3 and vprune.stats(m)["action_query_rows"] == 3
+    assert rt.action_rows == 3 and vprune.stats(m)["action_query_rows"] == 3 and rt.kept_visual is not None
     sem, act = rt.semantic.clone(), (rt.action_sum / rt.action_rows).clone()
+    kept = torch.zeros_like(act, dtype=torch.bool).scatter_(1, rt.kept_visual, True)
     vprune.unpatch(m)
     patches = m.projector(m.vision_backbone(pix))
     emb = m.get_input_embeddings()(ids)
     mm = torch.cat([emb[:, :1], patches, emb[:, 1:]], dim=1)
     att = m.language_model(inputs_embeds=mm, output_attentions=True).attentions
     length, n = mm.shape[1], patches.shape[1]
-    torch.testing.assert_close(act, att[1][:, :, length - 3:, 1:1 + n].mean(1).mean(1), atol=1e-6, rtol=1e-5)
+    want = att[1][:, :, length - 3:, 1:1 + n].mean(1).mean(1)  # the tokens pruned at the step count 0
+    torch.testing.assert_close(act, torch.where(kept, want, torch.zeros_like(want)), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(sem, att[1][:, :, length - 4, 1:1 + n].mean(1), atol=1e-6, rtol=1e-5)
     m.config.action_query_rows = 0
     vprune.patch(m, keep=0.5)
@@ -794,6 +797,12 @@ def test_overhead_timers_in_stats_and_no_action_scoring_for_fastv():
         _act(m, ids, pix)
     rt = _runtime(m)
     assert rt.history.scores is None and vprune.stats(m)["per_sample"][0]["pruned"]
+    vprune.unpatch(m)
+    vprune.patch(m, keep=1.0)  # every token kept: nothing scored, nothing recorded
+    for _ in range(5):
+        _act(m, ids, pix)
+    rt = _runtime(m)
+    assert rt.history.scores is None and rt.semantic is None and not vprune.stats(m)["per_sample"][0]["pruned"]
     vprune.unpatch(m)
 
 
