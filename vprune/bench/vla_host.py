@@ -10,7 +10,8 @@ work of a shorter input without vprune); ``patched`` (the defaults); ``patched:t
 (``openvla._HOST_SELECT`` off: dual's greedy loop as torch ops on the device);
 ``patched:per_row_decode`` (``openvla._BATCHED_DECODE`` off: each decode row scored in its forward).
 The switches are set right before each call. Per variant: wall ms (median and IQR of interleaved
-rounds, device synchronised around each call), CUDA kernel launches per step (``cudaLaunchKernel`` /
+rounds, device synchronised around each call), vprune's own host time per step by part (the
+integration's timers, ``vprune.stats(model)["overhead_ms"]``), CUDA kernel launches per step (``cudaLaunchKernel`` /
 ``cuLaunchKernel`` calls in a torch.profiler trace) and host syncs (``cudaStreamSynchronize`` /
 ``cudaDeviceSynchronize`` / ``cudaMemcpy`` non-async calls). Then cProfile of the default patched
 step: vprune's functions by cumulative time.
@@ -103,6 +104,14 @@ def main(argv: Any = None) -> Dict[str, Any]:
                 raise SystemExit(f"{name}: the step after the warm-up was not pruned")
         times = interleaved(variants, device, args.warmup, args.rounds, args.seed)
         calls = {name: _runtime_calls(fn) for name, fn in variants.items()}
+        own: Dict[str, Dict[str, float]] = {}  # vprune's own host time per step, by part (its timers)
+        for name in SWITCHES:
+            parts: Dict[str, float] = {}
+            for _ in range(10):
+                variants[name]()
+                for part, ms in vprune.stats(clones[name])["overhead_ms"].items():
+                    parts[part] = parts.get(part, 0.0) + ms / 10
+            own[name] = parts
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(5):
@@ -114,12 +123,14 @@ def main(argv: Any = None) -> Dict[str, Any]:
             setattr(openvla, flag, value)
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(r"^(?!.*site-packages).*/(vprune|integrations)/", 25)
-    rows = {name: {**summarize(t), **calls[name]} for name, t in times.items()}
+    rows = {name: {**summarize(t), **calls[name], "vprune_ms": own.get(name)} for name, t in times.items()}
     print(f"OpenVLA-7B-shaped control step, batch 1, keep {args.keep:g} (k={k}), K={args.layer}, "
           f"{args.rounds} interleaved rounds, {torch.cuda.get_device_name()}")
-    print(f"{'variant':24s} {'wall ms':>9s} {'IQR':>7s} {'launches':>9s} {'syncs':>6s}")
+    print(f"{'variant':24s} {'wall ms':>9s} {'IQR':>7s} {'min':>7s} {'launches':>9s} {'syncs':>6s}  vprune's timers (ms)")
     for name, r in rows.items():
-        print(f"{name:24s} {r['ms']:9.1f} {r['iqr_ms']:7.1f} {r['launches']:9d} {r['syncs']:6d}")
+        mine = r["vprune_ms"]
+        print(f"{name:24s} {r['ms']:9.1f} {r['iqr_ms']:7.1f} {r['min_ms']:7.1f} {r['launches']:9d} {r['syncs']:6d}  "
+              + ("-" if not mine else ", ".join(f"{k} {v:.2f}" for k, v in mine.items())))
     print("cProfile of 5 default patched steps (vprune's functions, cumulative):")
     print(text.getvalue()[-6000:])
     result = {"card": torch.cuda.get_device_name(), "keep": args.keep, "k": k, "layer": args.layer,

@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import itertools
 import json
 import os
@@ -139,12 +140,21 @@ def sync(device: torch.device) -> None:
 
 
 def time_call(fn: Callable[[], Any], device: torch.device) -> float:
-    """Wall milliseconds of one ``fn()``, the device synchronised before and after."""
+    """Wall milliseconds of one ``fn()``, the device synchronised before and after, Python's cyclic
+    garbage collector run before and paused during the call (as ``timeit`` does: a collection that
+    lands inside one variant's call would charge it for every variant's garbage)."""
     sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return (time.perf_counter() - t0) * 1e3
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        return (time.perf_counter() - t0) * 1e3
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def summarize(times: Sequence[float]) -> Dict[str, Any]:
