@@ -58,6 +58,20 @@ def _runtime_calls(fn: Callable[[], Any]) -> Dict[str, int]:
     return {"launches": launches, "syncs": syncs}
 
 
+def _profile_diff(a: cProfile.Profile, b: cProfile.Profile, steps: int, top: int) -> str:
+    """Per-step tottime of every function in ``a`` minus in ``b`` (ms), largest differences first."""
+    ta = {k: v[2] for k, v in pstats.Stats(a).stats.items()}  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    tb = {k: v[2] for k, v in pstats.Stats(b).stats.items()}
+    ca = {k: v[1] for k, v in pstats.Stats(a).stats.items()}
+    cb = {k: v[1] for k, v in pstats.Stats(b).stats.items()}
+    diff = sorted(((ta.get(k, 0.0) - tb.get(k, 0.0)) * 1e3 / steps, k) for k in set(ta) | set(tb))
+    lines = [f"  total {sum(ta.values()) * 1e3 / steps:.1f} vs {sum(tb.values()) * 1e3 / steps:.1f} ms per step"]
+    for d, k in sorted(diff, key=lambda x: -abs(x[0]))[:top]:
+        where = f"{k[0].split('site-packages/')[-1]}:{k[1]}({k[2]})"
+        lines.append(f"  {d:+8.3f}  calls {(ca.get(k, 0) - cb.get(k, 0)) / steps:+8.1f}  {where}")
+    return "\n".join(lines)
+
+
 def main(argv: Any = None) -> Dict[str, Any]:
     import vprune
     from vprune.integrations import openvla
@@ -112,12 +126,15 @@ def main(argv: Any = None) -> Dict[str, Any]:
                 for part, ms in vprune.stats(clones[name])["overhead_ms"].items():
                     parts[part] = parts.get(part, 0.0) + ms / 10
             own[name] = parts
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(5):
-            variants["patched"]()
-        torch.cuda.synchronize()
-        prof.disable()
+        profiles = {}
+        for name in ("short", "patched"):
+            profiles[name] = prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(5):
+                variants[name]()
+            torch.cuda.synchronize()
+            prof.disable()
+        prof = profiles["patched"]
     finally:
         for flag, value in defaults.items():
             setattr(openvla, flag, value)
@@ -133,6 +150,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
               + ("-" if not mine else ", ".join(f"{k} {v:.2f}" for k, v in mine.items())))
     print("cProfile of 5 default patched steps (vprune's functions, cumulative):")
     print(text.getvalue()[-6000:])
+    print("host time patched - short per step by function (cProfile tottime, ms; the 30 largest differences):")
+    print(_profile_diff(profiles["patched"], profiles["short"], steps=5, top=30))
     result = {"card": torch.cuda.get_device_name(), "keep": args.keep, "k": k, "layer": args.layer,
               "rounds": args.rounds, "rows": rows, "seconds": time.time() - t0,
               "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
