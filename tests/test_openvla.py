@@ -89,8 +89,10 @@ def _runtime(model):
 
 
 def _no_hooks(module):
+    """No hook, vprune subclass or vprune attribute left on any submodule."""
     for m in module.modules():
-        if m._forward_hooks or m._forward_pre_hooks:
+        if m._forward_hooks or m._forward_pre_hooks or hasattr(type(m), "_vprune_original_class") \
+                or any(name.startswith("_vprune") for name in m.__dict__):
             return False
     return True
 
@@ -187,7 +189,9 @@ def test_layers_from_k_receive_m_visual_tokens_and_stats_agree(kind):
             seen.setdefault(i, []).append(h.shape[1])
         return hook
 
-    handles = [layer.register_forward_pre_hook(counter(i), with_kwargs=True) for i, layer in enumerate(_layers(m))]
+    # on each layer's attention: the rows the layer computes (a pruned layer cuts its inputs in forward)
+    handles = [layer.self_attn.register_forward_pre_hook(counter(i), with_kwargs=True)
+               for i, layer in enumerate(_layers(m))]
     try:
         _, toks = _greedy(m, ids, pix, 2)
     finally:
