@@ -232,6 +232,83 @@ def stock_mask_function(base: str) -> Any:
     return ALL_MASK_ATTENTION_FUNCTIONS[base]
 
 
+class QueryCapture:
+    """Where a captured attention module leaves its last call's post-RoPE (query, keys): ``rows``
+    (None once read); ``original``: the stock attention function the module computes with."""
+
+    __slots__ = ("rows", "original")
+
+    def __init__(self, original: Any) -> None:
+        self.rows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.original = original
+
+
+CAPTURE_NAME = "vprune_query_capture"
+
+
+def _capturing_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
+    """The attention function of a captured module: keep (query, key), then compute exactly what the
+    module's own implementation computes, with the same arguments."""
+    sink = module.__dict__.get("_vprune_capture")
+    if sink is None:  # a module given the capture config by someone else: plain SDPA
+        return stock_attention("sdpa", module)(module, query, key, value, attention_mask, *args, **kwargs)
+    sink.rows = (query, key)
+    return sink.original(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def capture_queries(attn: Any, undo: Any) -> Optional[QueryCapture]:
+    """Make one attention module hand over its post-RoPE queries and keys at every call, recorded in
+    ``undo``; None where this transformers or this module does not allow it (the caller recomputes).
+
+    The module gets its own shallow copy of its config whose attention implementation is the
+    registered ``CAPTURE_NAME``, which stores (query, key) on the returned ``QueryCapture`` and calls
+    the stock 'sdpa' / 'eager' function the module used before with the same arguments: the layer
+    computes the same bits, no other module changes (the model builds its masks from its own config).
+    Needs transformers >= 4.48 (``AttentionInterface``) and a module whose class looks its attention
+    function up there (its modeling file imports ``ALL_ATTENTION_FUNCTIONS``)."""
+    import sys
+
+    config = getattr(attn, "config", None)
+    base = attn_implementation(config) if config is not None else None
+    if base not in ("sdpa", "eager") or "config" not in getattr(attn, "__dict__", {}):
+        return None
+    if not hasattr(sys.modules.get(type(attn).__module__), "ALL_ATTENTION_FUNCTIONS"):
+        return None  # transformers < 4.48, or a class that does not use the interface
+    try:
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError:
+        return None
+    import copy
+
+    own = copy.copy(config)
+    if "_attn_implementation_internal" in own.__dict__:
+        object.__setattr__(own, "_attn_implementation_internal", CAPTURE_NAME)
+    else:
+        object.__setattr__(own, "_attn_implementation", CAPTURE_NAME)
+    if attn_implementation(own) != CAPTURE_NAME or attn_implementation(config) != base:
+        return None
+    sink = QueryCapture(stock_attention(base, attn))
+    if _CAPTURE_USERS[0] == 0:  # registered while some module uses it, removed with the last one
+        AttentionInterface.register(CAPTURE_NAME, _capturing_attention)
+    _CAPTURE_USERS[0] += 1
+    undo.on_undo(_release_capture_name, "the query-capture attention name")
+    undo.set_attr(attn, "_vprune_capture", sink)
+    undo.set_attr(attn, "config", own)
+    return sink
+
+
+_CAPTURE_USERS = [0]  # modules handing over their queries, over every patched model
+
+
+def _release_capture_name() -> None:
+    from transformers.modeling_utils import AttentionInterface
+
+    _CAPTURE_USERS[0] = max(0, _CAPTURE_USERS[0] - 1)
+    if _CAPTURE_USERS[0] == 0:
+        AttentionInterface._global_mapping.pop(CAPTURE_NAME, None)
+
+
 def cache_graph_refusal(cache: Any, layer_ids: Sequence[int]) -> Optional[str]:
     """Why the user's cache cannot take a graph's K/V (None: it can). The graph body stands in for
     empty transformers ``DynamicLayer`` s (transformers >= 4.56 ``Cache.layers``), so those are the

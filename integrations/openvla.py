@@ -55,6 +55,10 @@ means), and its last row, the first action row when the action layer is K-1, joi
 With ``_BATCHED_DECODE`` (the default) the deferred decode rows of a step are scored in one computation
 over the last row's keys (``_plan_batched_rows``) and prefill_mean's last row is taken from its
 all-rows attention: the same keep sets and actions, action scores within fp32 rounding (tests).
+On transformers >= 4.48 the attention modules of the scoring layers hand their post-RoPE queries
+over (``_compat.capture_queries``: a per-module config copy whose registered attention function keeps
+them and calls the stock one), so prefill_mean's rows and the deferred decode rows skip the q_proj
+matmul and RoPE; prefill_mean's scores stay bit-identical to the general path's.
 On the testbed CPU each small torch op (a view too) costs 5-60 us inside a policy step, so these cut
 vprune's own time per step from ~5 ms to ~1.2 ms (``vprune eval vla``; scoring + selection ~0.9-1.0
 ms of it). Off the CPU fast path (CUDA, other dtypes, ``_FAST_PATHS`` off) a decode step also only keeps
@@ -404,7 +408,7 @@ def _plan_attend(plan: _RowPlan, q: torch.Tensor, k: torch.Tensor) -> torch.Tens
 def _plan_batched_rows(plan: _RowPlan, rows: List[Tuple[Any, ...]]) -> torch.Tensor:
     """The attention [B, R, T] of R ``_consecutive`` decode rows without mask rows (the CPU fast path's
     records) over the last row's keys [B, Hkv, T, Dh], through a ``_RowPlan``, in one computation:
-    one q_proj matmul, RoPE once, one fp32 q k^T per key head for its G query heads and R rows
+    the rows' queries as the layer computed them (``_captured_queries``) or one q_proj matmul and RoPE, one fp32 q k^T per key head for its G query heads and R rows
     (no copy of the keys), a cached additive mask (row i attends the first T - R + 1 + i keys), one
     softmax, the head mean. ``_plan_rows_scores`` runs about 8 torch calls a row (each costs 5-60 us
     inside a policy step); the numbers equal it within fp32 rounding (the matmuls over more rows and
@@ -414,12 +418,15 @@ def _plan_batched_rows(plan: _RowPlan, rows: List[Tuple[Any, ...]]) -> torch.Ten
     k = rows[-1][5]
     bk, n_kv, t, _ = k.shape
     group = n_heads // n_kv
-    hidden = torch.cat([rec[2].view(b, 1, -1) for rec in rows], dim=1)  # [B, R, D]
-    cos, sin = (_stack_rope([rec[i] for rec in rows], b).unsqueeze(2) for i in (3, 4))  # [B|1, R, 1, Dh]
-    q = torch.mm(hidden.view(b * r, -1), plan.w_t).view(b, r, n_heads, head_dim)
-    q = q * cos + q.roll(plan.half, -1) * (sin * plan.signs)
-    # [B, R, Hkv, G, Dh] -> [B*Hkv, G*R, Dh]: query head h = kv * G + g reads key head kv
-    q = q.view(b, r, n_kv, group, head_dim).permute(0, 2, 3, 1, 4).reshape(b * n_kv, group * r, head_dim)
+    if all(len(rec) > 9 and rec[9] is not None for rec in rows):  # the layer's own queries [B, H, 1, Dh]
+        q = torch.cat([rec[9] for rec in rows], dim=2).view(b * n_kv, group * r, head_dim)
+    else:
+        hidden = torch.cat([rec[2].view(b, 1, -1) for rec in rows], dim=1)  # [B, R, D]
+        cos, sin = (_stack_rope([rec[i] for rec in rows], b).unsqueeze(2) for i in (3, 4))  # [B|1, R, 1, Dh]
+        q = torch.mm(hidden.view(b * r, -1), plan.w_t).view(b, r, n_heads, head_dim)
+        q = q * cos + q.roll(plan.half, -1) * (sin * plan.signs)
+        # [B, R, Hkv, G, Dh] -> [B*Hkv, G*R, Dh]: query head h = kv * G + g reads key head kv
+        q = q.view(b, r, n_kv, group, head_dim).permute(0, 2, 3, 1, 4).reshape(b * n_kv, group * r, head_dim)
     logits = torch.bmm(q, k.reshape(bk * n_kv, t, head_dim).transpose(1, 2)).view(b, n_heads, r, t)
     logits = torch.add(_rows_bias(r, t), logits, alpha=plan.scale_f)
     probs = torch.softmax(logits, dim=-1)
@@ -442,23 +449,27 @@ def _causal_bias(length: int) -> torch.Tensor:
 
 
 def _plan_mean_scores(plan: _RowPlan, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      k: torch.Tensor, blocked: torch.Tensor, last_row: bool = False) -> Any:
+                      k: torch.Tensor, blocked: torch.Tensor, last_row: bool = False,
+                      q: Optional[torch.Tensor] = None) -> Any:
     """``semantic="prefill_mean"`` without padding through a ``_RowPlan``: the attention [B, T] of every
     row of ``hidden`` [B, L, D] (cos/sin [B|1, L, Dh]) over ``k`` [B, Hkv, T, Dh], averaged over heads,
-    then over rows; with ``last_row``, also the last row's head mean [B, T] (a view). blocked: the keys a row may not attend, bool [B|1, 1|H, L, T], or the fp32 [L, L]
+    then over rows; with ``last_row``, also the last row's head mean [B, T] (a view). q: the layer's own
+    post-RoPE queries [B, H, L, Dh] (``_captured_queries``: no q_proj matmul or RoPE here). blocked: the keys a row may not attend, bool [B|1, 1|H, L, T], or the fp32 [L, L]
     ``_causal_bias``. The ops and shapes of ``_query_keys`` + ``attention_row_scores`` with all-ones
     row weights (q_proj as one [B*L, D] matmul, RoPE, fp32 q k^T * scale, -inf fill, softmax, head
     mean, row mean): the same numbers. No row is fully masked (the caller checks): no zero fill."""
     b, length, _ = hidden.shape
     n_heads, head_dim = plan.n_heads, plan.head_dim
-    q = torch.mm(hidden.reshape(b * length, -1), plan.w_t).view(b, length, n_heads, head_dim)
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B|1, L, 1, Dh]: broadcast over the heads
-    q = q * cos + q.roll(plan.half, -1) * (sin * plan.signs)
     bk, n_kv, t, d = k.shape
+    if q is None:
+        q = torch.mm(hidden.reshape(b * length, -1), plan.w_t).view(b, length, n_heads, head_dim)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B|1, L, 1, Dh]: broadcast over the heads
+        q = q * cos + q.roll(plan.half, -1) * (sin * plan.signs)
+        q = q.transpose(1, 2)
     # GQA without repeating the keys: the G query heads of key head kv (h = kv * G + g) are one
     # [G*L, Dh] block of q, multiplied by that head's keys once (the same products: the tests
     # compare them bit for bit with the general path's repeated keys)
-    q = q.transpose(1, 2).reshape(b * n_kv, -1, head_dim)  # [B*Hkv, G*L, Dh]: a copy
+    q = q.reshape(b * n_kv, -1, head_dim)  # [B, H, L, Dh] -> [B*Hkv, G*L, Dh] (a view of the layer's q)
     logits = torch.bmm(q, k.reshape(bk * n_kv, t, d).transpose(1, 2))
     logits = logits.view(b * n_heads, length, t)
     if blocked.dtype == torch.bool:
@@ -470,6 +481,20 @@ def _plan_mean_scores(plan: _RowPlan, hidden: torch.Tensor, cos: torch.Tensor, s
     rows = probs.sum(dim=1).div_(plan.heads)  # the head mean [B, L, T] (mean's sum, then div_)
     mean = rows.sum(dim=1).div_(_scalar(float(length)))  # the row mean (weights all 1: sum / L)
     return (mean, rows[:, -1]) if last_row else mean
+
+
+def _captured_queries(rt: "_Runtime", layer_idx: int, keys: torch.Tensor, rows: int) -> Optional[torch.Tensor]:
+    """The post-RoPE queries [B, H, rows, Dh] the attention of ``layer_idx`` computed in this call
+    (``_compat.capture_queries``), when it attended exactly ``keys`` (the cache's tensor) and is fp32
+    CPU; None otherwise (the caller recomputes them). Read once: the capture is cleared."""
+    sink = rt.captures.get(layer_idx)
+    if sink is None or sink.rows is None:
+        return None
+    q, k = sink.rows
+    sink.rows = None
+    if k is not keys or q.dim() != 4 or q.shape[2] != rows or q.dtype is not torch.float32 or not q.is_cpu:
+        return None
+    return q
 
 
 def _plannable(h_row: torch.Tensor, cos_r: torch.Tensor, k: torch.Tensor) -> bool:
@@ -526,7 +551,7 @@ def _score_decode_row(rec: Tuple[Any, ...]) -> torch.Tensor:
     indices when the layer saw only those (else None), and N. The same ops as ``_query_keys`` +
     ``attention_row_scores`` on the same tensors (the KV cache appends new tensors, so the kept keys
     are the keys of that step)."""
-    attn, geometry, h_row, cos_r, sin_r, k, mask_row, kept, n = rec
+    attn, geometry, h_row, cos_r, sin_r, k, mask_row, kept, n = rec[:9]
     allowed = None if mask_row is None else _row_allowed(mask_row)
     plan = _row_plan(attn, geometry) if allowed is None and _plannable(h_row, cos_r, k) else None
     if plan is not None:
@@ -724,7 +749,7 @@ def _common_plan(rows: List[Tuple[Any, ...]], extra: Optional[Tuple[Any, ...]]) 
     tensors, one attention module, one batch size), else None; and whether ``extra`` (a job) joins
     them (the same plan and batch size: the semantic layer is the action layer)."""
     plan, b = None, None
-    for attn, geometry, h_row, cos_r, _, k, mask_row, _, _ in rows:
+    for attn, geometry, h_row, cos_r, _, k, mask_row, *_ in rows:
         if mask_row is not None or not _plannable(h_row, cos_r, k) or (b is not None and h_row.shape[0] != b):
             return None, False
         row_plan = _row_plan(attn, geometry)
@@ -768,6 +793,7 @@ class _Runtime:
     dense: bool = False                           # no padding in this step's rows (known without a sync)
     needs_action: bool = True                     # the strategy reads action scores ("dual", "action")
     keeps_all: bool = False                       # this step's budget keeps every token: no scores
+    captures: Dict[int, Any] = field(default_factory=dict)  # layer -> _compat.QueryCapture (CPU fast path)
     semantic_row: Optional[torch.Tensor] = None   # [B, L] the semantic row's scores (reused as the
                                                   # prefill action row when both are the same row)
     # Host time (perf_counter seconds) spent in vprune's code during this control step, by part:
@@ -1118,6 +1144,10 @@ class OpenVLAIntegration(Integration):
                                                    tag="openvla-pruned"))
         undo.add_hook(layers[a].self_attn.register_forward_hook(
             self._action_hook(state, a), with_kwargs=True))  # does nothing unless rt.needs_action
+        for i in sorted({k - 1, a}):  # the scoring layers hand over their post-RoPE queries (see _fast_prefill_mean)
+            sink = _compat.capture_queries(layers[i].self_attn, undo)
+            if sink is not None:
+                rt.captures[i] = sink
         state.targets.extend([
             f"language_model layers {k}..{depth - 1} (visual tokens pruned from layer {k})",
             f"semantic score at layer {k - 1}",
@@ -1445,6 +1475,7 @@ class OpenVLAIntegration(Integration):
         if k is None:
             return None
         hidden = _compat.layer_hidden(args, kwargs)
+        queries = _captured_queries(rt, layer_idx, k, hidden.shape[1])  # the layer's own, when handed over
         cos, sin = _compat.rope_cos_sin(attn, hidden, kwargs)
         if k.shape[-2] != length:
             k = k[..., :length, :]
@@ -1455,7 +1486,7 @@ class OpenVLAIntegration(Integration):
         seeds = rt.query_rows == 1 and rt.needs_action and rt.action_layer == layer_idx
         if seeds and _BATCHED_DECODE:  # the last row as the first action row, from the rows computed
             rt.commit_stashed()         # here (the numbers of scoring it alone within fp32 rounding)
-            return _plan_mean_scores(plan, hidden, cos, sin, k, blocked, last_row=True)
+            return _plan_mean_scores(plan, hidden, cos, sin, k, blocked, last_row=True, q=queries)
         job = None  # the last row as the first action row (the action layer is K-1): scored alone (the
         if seeds:   # general path's numbers), with the decode rows
             if blocked.dtype == torch.bool:  # a host mask: its last row may need masking
@@ -1465,7 +1496,7 @@ class OpenVLAIntegration(Integration):
         seed_row = rt.commit_stashed(job)
         if seed_row is None and job is not None:
             seed_row = _plan_row_scores(*job)
-        return _plan_mean_scores(plan, hidden, cos, sin, k, blocked), seed_row
+        return _plan_mean_scores(plan, hidden, cos, sin, k, blocked, q=queries), seed_row
 
     @staticmethod
     def _prefill_blocked(kwargs: dict, length: int) -> Optional[torch.Tensor]:
@@ -1609,7 +1640,8 @@ class OpenVLAIntegration(Integration):
                     cos, sin = _compat.rope_cos_sin(module, hidden, kwargs)
                     pruned_here = rt.keep_seq is not None and layer_idx >= rt.layer
                     rt.pending.append((module, geometry, hidden, cos, sin, k, None,
-                                       rt.kept_visual if pruned_here else None, rt.visual_emb.shape[1]))
+                                       rt.kept_visual if pruned_here else None, rt.visual_emb.shape[1],
+                                       _captured_queries(rt, layer_idx, k, 1)))
                     rt.decode_steps += 1
                     rt.action_rows += 1
                     rt.t_scoring += time.perf_counter() - t0
@@ -1670,7 +1702,7 @@ class OpenVLAIntegration(Integration):
                 mask_row = mask[:, :, -1:, :k.shape[-2]] if isinstance(mask, torch.Tensor) and mask.dim() == 4 else None
                 rt.decode_steps += 1
                 if rec is not None:
-                    rt.pending.append(rec + (mask_row, rt.kept_visual if pruned_here else None, n))
+                    rt.pending.append(rec + (mask_row, rt.kept_visual if pruned_here else None, n, None))
                     rt.action_rows += 1
                     rt.t_scoring += time.perf_counter() - t0
                     return None

@@ -1018,3 +1018,41 @@ def test_host_selection_on_cuda_keeps_the_torch_paths_tokens(monkeypatch, batch)
     assert seen["calls"] == 3  # every pruned step (the first is warm-up)
     assert host == run(False)
     assert seen["calls"] == 3
+
+
+def test_scoring_layers_hand_over_their_queries_and_compute_the_same(monkeypatch):
+    """On transformers >= 4.48 the scoring layers' attention hands its post-RoPE queries to the
+    CPU fast path (a per-module config copy naming a registered attention function that calls the
+    stock one): prefill_mean's rows and the deferred decode rows use them; the model's outputs are
+    unchanged (keep=1.0 gives the unpatched logits) and unpatch restores each module's config."""
+    from vprune.integrations import openvla
+
+    m = _testbed(seed=9)
+    layers = _layers(m)
+    configs = [layer.self_attn.config for layer in layers]
+    ids, pix = T.inputs(seed=50)
+    want, _ = _greedy(m, ids, pix, 3)
+    vprune.patch(m, vprune.VisualPruning(keep=1.0, warmup=0))
+    got, _ = _greedy(m, ids, pix, 3)
+    captures = dict(_runtime(m).captures)
+    vprune.unpatch(m)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(layer.self_attn.config is cfg for layer, cfg in zip(layers, configs)) and _no_hooks(m)
+    if not NEW_TRANSFORMERS:  # no AttentionInterface: nothing handed over, the rows are recomputed
+        assert captures == {}
+        return
+    assert sorted(captures) == [1]  # K-1 = the action layer = 1 on a 4-layer testbed
+    from transformers.modeling_utils import AttentionInterface
+    assert _compat.CAPTURE_NAME not in AttentionInterface._global_mapping  # removed with the last user
+    used = {"queries": 0}
+    original = openvla._captured_queries
+
+    def counted(*args):
+        q = original(*args)
+        used["queries"] += q is not None
+        return q
+
+    monkeypatch.setattr(openvla, "_captured_queries", counted)
+    rec = _record_steps(m, vprune.VisualPruning(keep=0.25, semantic="prefill_mean", warmup=1), batch=1, steps=3)
+    decode_rows = len(rec[0][1]) - 1  # action tokens after the prefill's
+    assert decode_rows >= 1 and used["queries"] == 3 * (1 + decode_rows)  # every prefill, every decode row
