@@ -61,9 +61,9 @@ def test_keep_all_is_bit_identical_logits_and_generate(model, inputs):
 
 
 def test_unpatch_restores_bit_identical_behaviour(model, inputs):
-    before = _snapshot(model)
-    with torch.no_grad():
+    with torch.no_grad():  # first: a model's first forward may install transformers' own recording hooks
         ref = model(**inputs).logits
+    before = _snapshot(model)
     vprune.patch(model, keep=0.25)
     assert _snapshot(model) != before
     with torch.no_grad():
@@ -91,9 +91,9 @@ def test_patch_twice_and_unpatch_unpatched(model):
 def test_failed_patch_leaves_model_as_it_was(model, inputs, monkeypatch):
     from vprune.integrations.llava import LlavaIntegration
 
-    before = _snapshot(model)
-    with torch.no_grad():
+    with torch.no_grad():  # first: a model's first forward may install transformers' own recording hooks
         ref = model(**inputs).logits
+    before = _snapshot(model)
 
     def boom(self, *a, **k):
         raise RuntimeError("forced failure after the layer hooks were installed")

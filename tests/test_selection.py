@@ -120,6 +120,17 @@ def _tie_heavy(gen, b, n, d):
     return sem, act, emb
 
 
+def _selection_cases(gen, seed):
+    """(k, semantic, action, embeddings) for every k of one seeded shape: tie-heavy inputs (duplicate
+    embeddings, repeated scores) for seed % 4 < 2, else Gaussian."""
+    b, n = (1, 64) if seed % 2 else (3, 37)
+    for k in (1, n // 8 or 1, n // 4, n // 2, n):
+        if seed % 4 < 2:
+            yield (k, *_tie_heavy(gen, b, n, 6))
+        else:
+            yield k, torch.randn(b, n, generator=gen), torch.randn(b, n, generator=gen), torch.randn(b, n, 6, generator=gen)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_cpu_host_path_matches_the_torch_path(seed):
     """dual / greedy / top-k on CPU run in NumPy and Python; every index equals the torch path (the
@@ -128,17 +139,13 @@ def test_cpu_host_path_matches_the_torch_path(seed):
     from vprune.selection import _dual_select_torch, _greedy_torch, dual_select_host, topk_ascending
 
     gen = torch.Generator().manual_seed(seed)
-    b, n = (1, 64) if seed % 2 else (3, 37)
-    for k in (1, n // 8 or 1, n // 4, n // 2, n):
-        if seed % 4 < 2:
-            sem, act, emb = _tie_heavy(gen, b, n, 6)
-        else:
-            sem, act, emb = torch.randn(b, n, generator=gen), torch.randn(b, n, generator=gen), torch.randn(b, n, 6, generator=gen)
+    for k, sem, act, emb in _selection_cases(gen, seed):
         host = dual_select_host(sem, act, emb, k)
         assert host is not None and host.dtype == np.int64
         assert torch.equal(torch.from_numpy(host), _dual_select_torch(sem, act, emb, k))
         assert torch.equal(dual_select(sem, act, emb, k), _dual_select_torch(sem, act, emb, k))
         assert torch.equal(topk_ascending(act, k), select_topk(act, k))
+        b, n = sem.shape
         cand = torch.rand(b, n, generator=gen) < 0.6
         cand[:, :k] = True
         first = torch.where(cand, sem, torch.tensor(float("-inf"))).argmax(dim=-1)
@@ -188,12 +195,7 @@ def test_packed_host_selection_matches_the_torch_path(seed):
     from vprune.selection import _dual_select_torch, _packed_select, dual_select_packed
 
     gen = torch.Generator().manual_seed(100 + seed)
-    b, n = (1, 64) if seed % 2 else (3, 37)
-    for k in (1, n // 8 or 1, n // 4, n // 2, n):
-        if seed % 4 < 2:
-            sem, act, emb = _tie_heavy(gen, b, n, 6)
-        else:
-            sem, act, emb = torch.randn(b, n, generator=gen), torch.randn(b, n, generator=gen), torch.randn(b, n, 6, generator=gen)
+    for k, sem, act, emb in _selection_cases(gen, seed):
         got = _packed_select(sem, act, emb.to(torch.bfloat16) if seed == 5 else emb, k)
         want = _dual_select_torch(sem, act, emb.to(torch.bfloat16) if seed == 5 else emb, k)
         assert got.dtype == np.int64 and torch.equal(torch.from_numpy(got), want)
