@@ -1056,3 +1056,33 @@ def test_scoring_layers_hand_over_their_queries_and_compute_the_same(monkeypatch
     rec = _record_steps(m, vprune.VisualPruning(keep=0.25, semantic="prefill_mean", warmup=1), batch=1, steps=3)
     decode_rows = len(rec[0][1]) - 1  # action tokens after the prefill's
     assert decode_rows >= 1 and used["queries"] == 3 * (1 + decode_rows)  # every prefill, every decode row
+
+
+def test_failed_patch_after_the_layer_changes_leaves_the_model_as_it_was(monkeypatch):
+    """A patch that fails after the layer overrides and the first query capture were installed undoes
+    them all: classes, configs, hooks, attributes and the registered attention name."""
+    from vprune.integrations import openvla
+
+    m = _testbed(seed=10)
+    ids, pix = T.inputs(seed=51)
+    want = _act(m, ids, pix)
+    cls, layer_classes = type(m), [type(layer) for layer in _layers(m)]
+    configs = [layer.self_attn.config for layer in _layers(m)]
+    original = _compat.capture_queries
+    calls = {"n": 0}
+
+    def capture_then_fail(attn, undo):
+        calls["n"] += 1
+        original(attn, undo)
+        raise RuntimeError("forced failure after the first capture")
+
+    monkeypatch.setattr(openvla._compat, "capture_queries", capture_then_fail)
+    with pytest.raises(RuntimeError, match="forced failure"):
+        vprune.patch(m, keep=0.25, action_layer=1)
+    assert calls["n"] == 1 and not vprune.is_patched(m) and _no_hooks(m)
+    assert type(m) is cls and [type(layer) for layer in _layers(m)] == layer_classes
+    assert all(layer.self_attn.config is cfg for layer, cfg in zip(_layers(m), configs))
+    if NEW_TRANSFORMERS:
+        from transformers.modeling_utils import AttentionInterface
+        assert _compat.CAPTURE_NAME not in AttentionInterface._global_mapping
+    assert np.array_equal(_act(m, ids, pix), want)
