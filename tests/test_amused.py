@@ -15,12 +15,7 @@ B = 2
 MASK_ID = 39
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # exact comparisons: one intra-op thread (conftest)
 
 
 def tiny(res_blocks=0, **kw):
