@@ -308,8 +308,8 @@ class _RowPlan:
     and the two fp32 0-dim scalars. Each lookup costs 1-5 us of Python on the testbed CPU (device
     objects, tuple keys, ``nn.Module.__getattr__``): about 40 us a row without the plan."""
 
-    __slots__ = ("proj", "weight", "w_t", "n_heads", "n_kv", "head_dim", "half", "perm", "signs", "head_map",
-                 "scale", "heads", "scale_f")
+    __slots__ = ("proj", "weight", "w_t", "n_heads", "head_dim", "half", "signs", "head_map", "scale", "heads",
+                 "scale_f")
 
     def __init__(self, proj: torch.nn.Linear, geometry: Tuple[int, int, int, float]) -> None:
         n_heads, n_kv, head_dim, scale = geometry
@@ -317,9 +317,9 @@ class _RowPlan:
         self.proj = proj
         self.weight = proj.weight
         self.w_t = _transposed(proj.weight)
-        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
+        self.n_heads, self.head_dim = n_heads, head_dim
         self.half = head_dim // 2  # rotate_half's x[..., perm] is x.roll(half, -1) (one copy, no index)
-        self.perm, self.signs = _rotate_half(head_dim, torch.float32, cpu)
+        _, self.signs = _rotate_half(head_dim, torch.float32, cpu)
         self.head_map = _head_map(n_heads, n_kv, cpu) if n_kv != n_heads else None
         self.scale = _scalar(scale)
         self.scale_f = float(scale)
@@ -418,7 +418,7 @@ def _plan_batched_rows(plan: _RowPlan, rows: List[Tuple[Any, ...]]) -> torch.Ten
     k = rows[-1][5]
     bk, n_kv, t, _ = k.shape
     group = n_heads // n_kv
-    if all(len(rec) > 9 and rec[9] is not None for rec in rows):  # the layer's own queries [B, H, 1, Dh]
+    if all(rec[9] is not None for rec in rows):  # the layer's own queries [B, H, 1, Dh]
         q = torch.cat([rec[9] for rec in rows], dim=2).view(b * n_kv, group * r, head_dim)
     else:
         hidden = torch.cat([rec[2].view(b, 1, -1) for rec in rows], dim=1)  # [B, R, D]
@@ -428,16 +428,10 @@ def _plan_batched_rows(plan: _RowPlan, rows: List[Tuple[Any, ...]]) -> torch.Ten
         # [B, R, Hkv, G, Dh] -> [B*Hkv, G*R, Dh]: query head h = kv * G + g reads key head kv
         q = q.view(b, r, n_kv, group, head_dim).permute(0, 2, 3, 1, 4).reshape(b * n_kv, group * r, head_dim)
     logits = torch.bmm(q, k.reshape(bk * n_kv, t, head_dim).transpose(1, 2)).view(b, n_heads, r, t)
-    logits = torch.add(_rows_bias(r, t), logits, alpha=plan.scale_f)
+    # row i may attend the first T - R + 1 + i keys: the last R rows of the [T, T] causal bias
+    logits = torch.add(_causal_bias(t)[t - r:], logits, alpha=plan.scale_f)
     probs = torch.softmax(logits, dim=-1)
     return probs.sum(dim=1).div_(plan.heads)
-
-
-def _rows_bias(r: int, t: int) -> torch.Tensor:
-    """fp32 [R, T] CPU: 0 where row i of R consecutive decode rows may attend (the first T - R + 1 + i
-    keys), -inf elsewhere, cached."""
-    return _constant(("rows_bias", r, t), lambda: torch.zeros(r, t).masked_fill_(
-        ~torch.ones(r, t, dtype=torch.bool).tril_(t - r), float("-inf")), bounded=True)
 
 
 def _causal_bias(length: int) -> torch.Tensor:
@@ -1656,8 +1650,6 @@ class OpenVLAIntegration(Integration):
                 # the last real prompt row (or the last ``action_query_rows`` rows of a chunked
                 # action head), in this layer's (possibly pruned) sequence
                 n_rows = min(rt.query_rows, q_len)
-                if rt.semantic_row is not None and layer_idx == rt.layer - 1:
-                    return None  # the semantic hook recorded this row (the same numbers)
                 if rt.dense and n_rows == 1:
                     probs = self._last_row_scores(module, layer_idx, args, kwargs, q_len - 1, q_len)
                 elif rt.dense:

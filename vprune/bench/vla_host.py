@@ -60,10 +60,9 @@ def _runtime_calls(fn: Callable[[], Any]) -> Dict[str, int]:
 
 def _profile_diff(a: cProfile.Profile, b: cProfile.Profile, steps: int, top: int) -> str:
     """Per-step tottime of every function in ``a`` minus in ``b`` (ms), largest differences first."""
-    ta = {k: v[2] for k, v in pstats.Stats(a).stats.items()}  # (file, line, name) -> (cc, nc, tt, ct, callers)
-    tb = {k: v[2] for k, v in pstats.Stats(b).stats.items()}
-    ca = {k: v[1] for k, v in pstats.Stats(a).stats.items()}
-    cb = {k: v[1] for k, v in pstats.Stats(b).stats.items()}
+    sa, sb = pstats.Stats(a).stats, pstats.Stats(b).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    ta, tb = ({k: v[2] for k, v in st.items()} for st in (sa, sb))
+    ca, cb = ({k: v[1] for k, v in st.items()} for st in (sa, sb))
     diff = sorted(((ta.get(k, 0.0) - tb.get(k, 0.0)) * 1e3 / steps, k) for k in set(ta) | set(tb))
     lines = [f"  total {sum(ta.values()) * 1e3 / steps:.1f} vs {sum(tb.values()) * 1e3 / steps:.1f} ms per step"]
     for d, k in sorted(diff, key=lambda x: -abs(x[0]))[:top]:

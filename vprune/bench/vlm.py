@@ -594,8 +594,8 @@ def run_llava(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
             for k in keeps:
                 if k >= n_img:
                     checks[k]["unpatched_generate_reproduces_itself"] = bool(torch.equal(ref_tokens, ref_again))
-        for k, gc in graph_clones.items():
-            checks[k].update(graph_checks(clones[k], gc, inputs))
+        for k, graph_clone in graph_clones.items():  # (not ``gc``: the module's garbage-collector import)
+            checks[k].update(graph_checks(clones[k], graph_clone, inputs))
         with torch.no_grad():
             t0 = time.time()
             pre_t = interleaved(prefill_v, device, warmup, rounds, seed=args.seed + 1000 * batch)
