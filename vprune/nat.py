@@ -416,12 +416,6 @@ class NATRuntime:
     def active(self) -> bool:
         return self.host is not None and self.dev is not None
 
-    def gather_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Stack input ``[B, N, C]`` -> the rows computed this step ``[B, k, C]``."""
-        if not self.active or self.dev.idx is None:
-            return x
-        return take_rows(x, self.dev.flat, self.dev.idx)
-
     def scatter_output(self, y: torch.Tensor) -> torch.Tensor:
         """Stack output rows ``[B, k, C]`` -> ``[B, N, C]``, the rest from the output cache.
 
@@ -509,7 +503,8 @@ class NATRuntime:
 
     # -- row caches of a forward cut to the computed rows (TokenIO) ----------------------------
     def take(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, N, ...]`` -> the rows computed this step ``[B, k, ...]`` (``x`` on full steps)."""
+        """``x`` ``[B, N, ...]`` -> the rows computed this step ``[B, k, ...]`` (``x`` on full steps):
+        the stack's input, or a whole forward's inputs (``TokenIO.gather``)."""
         if not self.active or self.dev.idx is None:
             return x
         return take_rows(x, self.dev.flat, self.dev.idx)
@@ -740,7 +735,7 @@ def install(model: Any, state: Any, config: Any, *, blocks: Sequence[Any], tag: 
     state.undo.swap_class(model, vprune_subclass(original, {"forward": forward}, tag=f"nat-{tag}"))
 
     def pre(module: Any, args: tuple) -> tuple:
-        return (rt.gather_input(args[0]),) + tuple(args[1:])
+        return (rt.take(args[0]),) + tuple(args[1:])
 
     def post(module: Any, args: tuple, output: Any) -> Any:
         return rt.scatter_output(output)
