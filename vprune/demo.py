@@ -190,9 +190,8 @@ def run(args: argparse.Namespace) -> int:
     vprune.patch(policy, **overrides)
     try:
         cfg = vprune.stats(policy)["config"]
-        name = f"{cfg['strategy']} {args.keep * 100:g}% (K={cfg['layer']})"
-        if args.semantic:
-            name = f"{cfg['strategy']}:{cfg['semantic']} {args.keep * 100:g}% (K={cfg['layer']})"
+        label = f"{cfg['strategy']}:{cfg['semantic']}" if args.semantic else cfg["strategy"]
+        name = f"{label} {args.keep * 100:g}% (K={cfg['layer']})"
         pruned = run_config(policy, processor, seeds, progress, capture=capture)
     finally:
         vprune.unpatch(policy)
