@@ -1086,3 +1086,36 @@ def test_failed_patch_after_the_layer_changes_leaves_the_model_as_it_was(monkeyp
         from transformers.modeling_utils import AttentionInterface
         assert _compat.CAPTURE_NAME not in AttentionInterface._global_mapping
     assert np.array_equal(_act(m, ids, pix), want)
+
+
+@pytest.mark.skipif(not NEW_TRANSFORMERS, reason="transformers >= 4.50 routes SDPA through sdpa_attention_forward")
+def test_every_layer_keeps_sdpa_and_no_attention_weights_are_requested(monkeypatch):
+    """DESIGN.md invariant 4 on the patched policy (the query-capturing layers included): each LLM
+    layer makes exactly one SDPA call per forward and none asks for attention weights."""
+    import transformers.integrations.sdpa_attention as sdpa_mod
+
+    calls = []
+    real = sdpa_mod.sdpa_attention_forward
+
+    def counting(module, *a, **k):
+        calls.append(module.layer_idx)
+        assert not k.get("output_attentions")
+        return real(module, *a, **k)
+
+    from transformers.modeling_utils import AttentionInterface
+
+    # the registry entry the layers look up, and the module attribute the capture's stock call reads
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", counting)
+    monkeypatch.setattr(sdpa_mod, "sdpa_attention_forward", counting)
+    m = _testbed(seed=11)
+    ids, pix = T.inputs(seed=52)
+    vprune.patch(m, vprune.VisualPruning(keep=0.25, warmup=0))
+    try:
+        _act(m, ids, pix)
+        pruned = vprune.stats(m)["per_sample"][0]["pruned"]
+    finally:
+        vprune.unpatch(m)
+    depth = len(_layers(m))
+    forwards = calls.count(0)
+    assert pruned and forwards >= 2 and all(calls.count(i) == forwards for i in range(depth))
+    assert len(calls) == depth * forwards
