@@ -58,12 +58,14 @@ all-rows attention: the same keep sets and actions, action scores within fp32 ro
 On transformers >= 4.48 the attention modules of the scoring layers hand their post-RoPE queries
 over (``_compat.capture_queries``: a per-module config copy whose registered attention function keeps
 them and calls the stock one), so prefill_mean's rows and the deferred decode rows skip the q_proj
-matmul and RoPE; prefill_mean's scores stay bit-identical to the general path's.
+matmul and RoPE; prefill_mean's scores stay bit-identical to the general path's. Off the plan (CUDA,
+other dtypes) the semantic row, the prefill action row and the decode rows use them too.
 On the testbed CPU each small torch op (a view too) costs 5-60 us inside a policy step, so these cut
 vprune's own time per step from ~5 ms to ~1.2 ms (``vprune eval vla``; scoring + selection ~0.9-1.0
 ms of it). Off the CPU fast path (CUDA, other dtypes, ``_FAST_PATHS`` off) a decode step also only keeps
-its row's inputs; the next step's scoring scores them in one batched torch computation (``_BATCHED_DECODE``,
-``_batched_rows_total``: no host sync or copy; the same keep sets as scoring each row alone, scores
+its row's inputs (and its layer's query); the next step's scoring scores them in one batched torch
+computation (``_BATCHED_DECODE``, ``_batched_rows_total``: no host sync or copy, a cached additive causal
+bias instead of a bool mask and its zero fill; the same keep sets as scoring each row alone, scores
 within fp32 rounding: tests/test_openvla.py). ``vprune.stats(model)["overhead_ms"]`` gives the last control step's host time in vprune's
 code by part (scoring, selection, other).
 
@@ -107,7 +109,7 @@ from vprune.kernels import gather_rows
 from vprune.integrations import _compat
 from vprune.integrations._transfer import to_device
 from vprune.integrations.registry import Integration
-from vprune.scoring import attention_row_scores, attention_rows
+from vprune.scoring import attention_row_scores, attention_rows, repeat_kv_heads
 from vprune.selection import dual_select, dual_select_host, dual_select_packed, select_tokens
 from vprune.temporal import ActionHistory
 from vprune.undo import vprune_subclass
@@ -135,6 +137,11 @@ _BATCHED_DECODE = True
 # pinned non-blocking upload (``vprune.selection.dual_select_packed``): the same indices as the torch
 # path, whose greedy loop launches ~6 kernels a step. Off: the torch path.
 _HOST_SELECT = True
+
+# The scoring layers' own post-RoPE queries (``_compat.capture_queries``), wherever a row's score can
+# take them: no q_proj matmul and RoPE per scored row. Off: every row's query is recomputed from the
+# layer input (the same values; a diagnostic switch for ``vprune.bench.vla_host`` and the tests).
+_HANDED_QUERIES = True
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -434,12 +441,15 @@ def _plan_batched_rows(plan: _RowPlan, rows: List[Tuple[Any, ...]]) -> torch.Ten
     return probs.sum(dim=1).div_(plan.heads)
 
 
-def _causal_bias(length: int) -> torch.Tensor:
+def _causal_bias(length: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """fp32 [L, L]: -inf above the diagonal (the keys each prefill row may not attend: ``_row_mask``'s
-    causal rows without padding), 0 elsewhere, cached per length. Added to logits it gives the bits
-    of ``masked_fill(~allowed, -inf)`` (x + 0 is x; a zero's sign does not change the softmax)."""
-    return _constant(("causal", length), lambda: torch.zeros(length, length).masked_fill_(
-        torch.ones(length, length, dtype=torch.bool).triu_(1), float("-inf")), bounded=True)
+    causal rows without padding), 0 elsewhere, cached per length (and device: None is the CPU). Added
+    to logits it gives the bits of ``masked_fill(~allowed, -inf)`` (x + 0 is x; a zero's sign does not
+    change the softmax)."""
+    if device is not None and device.type == "cpu":
+        device = None
+    return _constant(("causal", length, device), lambda: torch.zeros(length, length, device=device).masked_fill_(
+        torch.ones(length, length, dtype=torch.bool, device=device).triu_(1), float("-inf")), bounded=True)
 
 
 def _plan_mean_scores(plan: _RowPlan, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -479,14 +489,15 @@ def _plan_mean_scores(plan: _RowPlan, hidden: torch.Tensor, cos: torch.Tensor, s
 
 def _captured_queries(rt: "_Runtime", layer_idx: int, keys: torch.Tensor, rows: int) -> Optional[torch.Tensor]:
     """The post-RoPE queries [B, H, rows, Dh] the attention of ``layer_idx`` computed in this call
-    (``_compat.capture_queries``), when it attended exactly ``keys`` (the cache's tensor) and is fp32
-    CPU; None otherwise (the caller recomputes them). Read once: the capture is cleared."""
+    (``_compat.capture_queries``), when it attended exactly ``keys`` (the cache's tensor: a DynamicCache
+    makes a new one at every update, so an earlier call's capture never matches) and has their dtype;
+    None otherwise (the caller recomputes them). Read once: the capture is cleared."""
     sink = rt.captures.get(layer_idx)
     if sink is None or sink.rows is None:
         return None
     q, k = sink.rows
     sink.rows = None
-    if k is not keys or q.dim() != 4 or q.shape[2] != rows or q.dtype is not torch.float32 or not q.is_cpu:
+    if not _HANDED_QUERIES or k is not keys or q.dim() != 4 or q.shape[2] != rows or q.dtype != k.dtype:
         return None
     return q
 
@@ -506,7 +517,14 @@ def _row_scores(attn: Any, geometry: Tuple[int, int, int, float], h_row: torch.T
     The same ops on the same values as ``_query_keys`` + ``attention_row_scores`` (q_proj on one row,
     rotate-half RoPE, K/V heads repeated, fp32 q k^T * scale, softmax, head mean), with fewer Python
     layers and views: a policy step runs it 3 times (the semantic row and two decode rows)."""
-    n_heads, n_kv, head_dim, scale = geometry
+    return _attend_row(_row_query(attn, geometry, h_row, cos_r, sin_r), k, geometry, allowed)
+
+
+def _row_query(attn: Any, geometry: Tuple[int, int, int, float], h_row: torch.Tensor, cos_r: torch.Tensor,
+               sin_r: torch.Tensor) -> torch.Tensor:
+    """The post-RoPE query [B, H, Dh] of ``h_row`` [B, 1, D] (cos/sin rows [B|1, 1, Dh]): q_proj on
+    one row, then rotate-half RoPE, as the attention layer computes it."""
+    n_heads, _, head_dim, _ = geometry
     b = h_row.shape[0]
     cpu = h_row.device.type == "cpu"
     proj = attn.q_proj
@@ -521,7 +539,17 @@ def _row_scores(attn: Any, geometry: Tuple[int, int, int, float], h_row: torch.T
     # x[..., perm] * (signs * sin): a copy and sign flips, so the same values in fewer ops;
     # cos/sin [B|1, 1, Dh] broadcast over the heads
     perm, signs = _rotate_half(head_dim, q.dtype, q.device)
-    q = q * cos_r + q.index_select(-1, perm) * (sin_r * signs)
+    return q * cos_r + q.index_select(-1, perm) * (sin_r * signs)
+
+
+def _attend_row(q: torch.Tensor, k: torch.Tensor, geometry: Tuple[int, int, int, float],
+                allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention [B, T] of one post-RoPE query row ``q`` [B, H, Dh] (``_row_query``'s, or the layer's
+    own from ``_captured_queries``) over ``k`` [B, Hkv, T, Dh], averaged over heads: K/V heads
+    repeated, fp32 q k^T * scale, softmax (``attention_row_scores`` with ``allowed``), head mean."""
+    n_heads, n_kv, _, scale = geometry
+    b = q.shape[0]
+    cpu = q.device.type == "cpu"
     if allowed is not None:
         return attention_row_scores(q.unsqueeze(2), k, allowed, scale)
     if q.dtype != torch.float32:
@@ -529,7 +557,7 @@ def _row_scores(attn: Any, geometry: Tuple[int, int, int, float], h_row: torch.T
     bk, _, t, d = k.shape
     if n_kv != n_heads:  # repeat each K/V head for its query heads (a copy, as repeat_interleave)
         k = k.index_select(1, _head_map(n_heads, n_kv, k.device))
-    logits = torch.bmm(q.view(b * n_heads, 1, d), k.reshape(bk * n_heads, t, d).transpose(1, 2))
+    logits = torch.bmm(q.reshape(b * n_heads, 1, d), k.reshape(bk * n_heads, t, d).transpose(1, 2))
     # * scale: a cached fp32 0-dim tensor on the CPU multiplies as the Python float does (skips a
     # scalar conversion per op; so does the head count below)
     logits.mul_(_scalar(scale) if cpu else scale)
@@ -542,14 +570,17 @@ def _score_decode_row(rec: Tuple[Any, ...]) -> torch.Tensor:
     """The action score [B, N] of one decode step's row, from what the action hook kept: the attention
     module, its geometry, the layer input's last row [B, 1, D], its RoPE cos/sin [B|1, 1, Dh], the
     layer's cached keys at that step [B, Hkv, T, Dh], the 4-D mask row or None, the kept visual
-    indices when the layer saw only those (else None), and N. The same ops as ``_query_keys`` +
+    indices when the layer saw only those (else None), N, and the layer's own post-RoPE query
+    [B, H, 1, Dh] when it was handed over (else None: recomputed from the row). The same ops as ``_query_keys`` +
     ``attention_row_scores`` on the same tensors (the KV cache appends new tensors, so the kept keys
     are the keys of that step)."""
-    attn, geometry, h_row, cos_r, sin_r, k, mask_row, kept, n = rec[:9]
+    attn, geometry, h_row, cos_r, sin_r, k, mask_row, kept, n, q = rec
     allowed = None if mask_row is None else _row_allowed(mask_row)
     plan = _row_plan(attn, geometry) if allowed is None and _plannable(h_row, cos_r, k) else None
     if plan is not None:
         probs = _plan_row_scores(plan, h_row, cos_r, sin_r, k)
+    elif q is not None:  # the layer's own query [B, H, 1, Dh]
+        probs = _attend_row(q.select(2, 0), k, geometry, allowed)
     else:
         probs = _row_scores(attn, geometry, h_row, cos_r, sin_r, k, allowed)  # [B, T]
     return _visual_scores(probs, kept, n)
@@ -630,9 +661,9 @@ def _score_decode_rows(total: Optional[torch.Tensor], rows: List[Tuple[Any, ...]
 
 
 def _batchable(rows: List[Tuple[Any, ...]]) -> bool:
-    """Whether ``_batched_rows_total`` takes these decode rows: general rows (the CPU fast path's go
-    through ``_plan_batched_rows``) that are ``_consecutive``."""
-    return _BATCHED_DECODE and not (_FAST_PATHS and rows[0][5].is_cpu) and _consecutive(rows)
+    """Whether ``_batched_rows_total`` takes these decode rows (rows without a common ``_RowPlan``:
+    the caller tried that first): ``_BATCHED_DECODE`` and ``_consecutive`` rows."""
+    return _BATCHED_DECODE and _consecutive(rows)
 
 
 def _consecutive(rows: List[Tuple[Any, ...]]) -> bool:
@@ -654,20 +685,9 @@ def _consecutive(rows: List[Tuple[Any, ...]]) -> bool:
     return True
 
 
-def _rows_causal(r: int, t: int, device: torch.device) -> torch.Tensor:
-    """bool [1, 1, R, T]: row i of R consecutive decode rows may attend the first T - R + 1 + i keys,
-    cached."""
-    return _constant(("rows_causal", r, t, device),
-                     lambda: torch.ones(r, t, dtype=torch.bool, device=device).tril_(t - r).view(1, 1, r, t),
-                     bounded=True)
-
-
-def _rows_allowed(rows: List[Tuple[Any, ...]], t: int, device: torch.device) -> Optional[torch.Tensor]:
+def _rows_allowed(rows: List[Tuple[Any, ...]], t: int) -> torch.Tensor:
     """bool [B|1, 1|H, R, T] keys each decode row may attend over the last row's T keys: the host's
-    mask row of each step (disallowed past its own length), or the per-row causal length mask;
-    None for one row without a mask (every key allowed)."""
-    if rows[0][6] is None:
-        return None if len(rows) == 1 else _rows_causal(len(rows), t, device)
+    mask row of each step (disallowed past its own length)."""
     parts = []
     for rec in rows:
         m = rec[6]
@@ -678,20 +698,31 @@ def _rows_allowed(rows: List[Tuple[Any, ...]], t: int, device: torch.device) -> 
 
 def _batched_rows_total(total: Optional[torch.Tensor], rows: List[Tuple[Any, ...]]) -> torch.Tensor:
     """``total`` plus the visual scores of R consecutive decode rows (``_batchable``), computed
-    together with torch ops (no host sync, no host copy): the R rows through q_proj, RoPE with each
-    row's own cos/sin, fp32 attention over the last row's keys with a per-row length mask, softmax,
-    head mean, visual columns (scattered back when the layer saw only the kept tokens), summed over
-    rows. The same numbers as scoring each row alone up to fp32 rounding (a masked softmax over the
-    longer row and the batched matmul sum in another order)."""
+    together with torch ops (no host sync, no host copy): the rows' queries as their layer computed
+    them (``_captured_queries``; else the R rows through q_proj and RoPE with each row's own cos/sin),
+    fp32 attention over the last row's keys with the host's mask rows or, without them, a cached
+    additive causal bias (row i attends the first T - R + 1 + i keys; no row is empty, so no zero
+    fill), softmax, head mean, visual columns (scattered back when the layer saw only the kept
+    tokens), summed over rows. The same numbers as scoring each row alone up to fp32 rounding (a
+    masked softmax over the longer row and the batched matmul sum in another order)."""
     attn, geometry = rows[0][0], rows[0][1]
     n_heads, _, head_dim, scale = geometry
     b, r = rows[0][2].shape[0], len(rows)
     k = rows[-1][5]
-    hidden = rows[0][2] if r == 1 else torch.cat([rec[2] for rec in rows], dim=1)  # [B, R, D]
-    cos, sin = (_stack_rope([rec[i] for rec in rows], b) for i in (3, 4))          # [B|1, R, Dh]
-    q = attn.q_proj(hidden).view(b, r, n_heads, head_dim).transpose(1, 2)
-    q = _compat.apply_rope(q, cos, sin)
-    probs = attention_rows(q, k, _rows_allowed(rows, k.shape[-2], k.device), scale).mean(dim=1)  # [B, R, T]
+    t = k.shape[-2]
+    if all(rec[9] is not None for rec in rows):  # the layer's own queries [B, H, 1, Dh]
+        q = rows[0][9] if r == 1 else torch.cat([rec[9] for rec in rows], dim=2)
+    else:
+        hidden = rows[0][2] if r == 1 else torch.cat([rec[2] for rec in rows], dim=1)  # [B, R, D]
+        cos, sin = (_stack_rope([rec[i] for rec in rows], b) for i in (3, 4))          # [B|1, R, Dh]
+        q = attn.q_proj(hidden).view(b, r, n_heads, head_dim).transpose(1, 2)
+        q = _compat.apply_rope(q, cos, sin)
+    if rows[0][6] is not None:  # the host's mask rows
+        probs = attention_rows(q, k, _rows_allowed(rows, t), scale).mean(dim=1)  # [B, R, T]
+    else:  # attention_rows' ops with the bias added in the scale op: the bits of its masked_fill
+        logits = torch.matmul(q.float(), repeat_kv_heads(k, n_heads).float().transpose(-1, -2))
+        logits = logits * scale if r == 1 else torch.add(_causal_bias(t, k.device)[t - r:], logits, alpha=scale)
+        probs = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, R, T]
     kept, n = rows[0][7], rows[0][8]
     if kept is None:
         vis = probs[:, :, VISUAL_START:VISUAL_START + n]
@@ -787,7 +818,7 @@ class _Runtime:
     dense: bool = False                           # no padding in this step's rows (known without a sync)
     needs_action: bool = True                     # the strategy reads action scores ("dual", "action")
     keeps_all: bool = False                       # this step's budget keeps every token: no scores
-    captures: Dict[int, Any] = field(default_factory=dict)  # layer -> _compat.QueryCapture (CPU fast path)
+    captures: Dict[int, Any] = field(default_factory=dict)  # layer -> _compat.QueryCapture (scoring layers)
     semantic_row: Optional[torch.Tensor] = None   # [B, L] the semantic row's scores (reused as the
                                                   # prefill action row when both are the same row)
     # Host time (perf_counter seconds) spent in vprune's code during this control step, by part:
@@ -1311,28 +1342,31 @@ class OpenVLAIntegration(Integration):
             k = _compat.apply_rope(k, cos, sin)
         return q, k, scale
 
-    def _last_row_scores(self, attn: Any, layer_idx: int, args: tuple, kwargs: dict, row: int,
+    def _last_row_scores(self, attn: Any, rt: _Runtime, layer_idx: int, args: tuple, kwargs: dict, row: int,
                          length: int) -> torch.Tensor:
         """Scores [B, length] of query row ``row`` (the same in every batch row: no padding) over the
-        first ``length`` keys of this prefill (``_query_keys`` + ``attention_row_scores``, leaner)."""
+        first ``length`` keys of this prefill (``_query_keys`` + ``attention_row_scores``, leaner; the
+        layer's own query when it was handed over and no ``_RowPlan`` scores the row)."""
         hidden = _compat.layer_hidden(args, kwargs)
         geometry = self._geometry.get(attn)
         if geometry is None:
             geometry = self._geometry[attn] = _compat.attention_geometry(attn)
-        k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
-        if k is None:
+        keys = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
+        if keys is None:
             q, k, scale = self._query_keys(attn, layer_idx, args, kwargs, slice(row, row + 1))
             return attention_row_scores(q, k[..., :length, :], self._slice_mask(kwargs, slice(row, row + 1), length),
                                         scale)
-        cos, sin = _compat.rope_cos_sin(attn, hidden, kwargs)
         rows = slice(row, row + 1)
-        if k.shape[-2] != length:
-            k = k[..., :length, :]
+        k = keys if keys.shape[-2] == length else keys[..., :length, :]
         allowed = self._slice_mask(kwargs, rows, length)
+        cos, sin = _compat.rope_cos_sin(attn, hidden, kwargs)
         h_row, cos_r, sin_r = hidden[:, rows], cos[:, rows], sin[:, rows]
         plan = _row_plan(attn, geometry) if allowed is None and _plannable(h_row, cos_r, k) else None
         if plan is not None:
             return _plan_row_scores(plan, h_row, cos_r, sin_r, k)
+        q = _captured_queries(rt, layer_idx, keys, hidden.shape[1])  # [B, H, L, Dh]: no q_proj, no RoPE
+        if q is not None:
+            return _attend_row(q[:, :, row], k, geometry, allowed)
         return _row_scores(attn, geometry, h_row, cos_r, sin_r, k, allowed)
 
     def _last_row_job(self, attn: Any, layer_idx: int, args: tuple, kwargs: dict, row: int,
@@ -1413,7 +1447,7 @@ class OpenVLAIntegration(Integration):
                 scores = rt.commit_stashed(job)
                 if scores is None:
                     scores = _plan_row_scores(*job) if job is not None else \
-                        self._last_row_scores(module, rt.layer - 1, args, kwargs, last, length)  # [B, L]
+                        self._last_row_scores(module, rt, rt.layer - 1, args, kwargs, last, length)  # [B, L]
             elif config.semantic == "prefill_mean" and rt.dense and \
                     (fast := self._fast_prefill_mean(module, rt, args, kwargs, length)) is not None:
                 scores, seed_row = fast
@@ -1627,7 +1661,10 @@ class OpenVLAIntegration(Integration):
                 hidden = kwargs["hidden_states"] if not args else args[0]
                 k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
                 mask = kwargs.get("attention_mask")
-                if k is not None and hidden.shape[1] == 1 and mask is None and k.is_cpu:
+                # off the CPU only when the rows are scored later (batched) and no CUDA graph is
+                # being captured (as the general branch below decides)
+                if k is not None and hidden.shape[1] == 1 and mask is None and \
+                        (k.is_cpu or (_BATCHED_DECODE and not _capturing(k))):
                     geometry = geometry_of.get(id(module))
                     if geometry is None:
                         geometry = geometry_of[id(module)] = _compat.attention_geometry(module)
@@ -1651,7 +1688,7 @@ class OpenVLAIntegration(Integration):
                 # action head), in this layer's (possibly pruned) sequence
                 n_rows = min(rt.query_rows, q_len)
                 if rt.dense and n_rows == 1:
-                    probs = self._last_row_scores(module, layer_idx, args, kwargs, q_len - 1, q_len)
+                    probs = self._last_row_scores(module, rt, layer_idx, args, kwargs, q_len - 1, q_len)
                 elif rt.dense:
                     rows = slice(q_len - n_rows, q_len)
                     q, k, scale = self._query_keys(module, layer_idx, args, kwargs, rows)
@@ -1693,8 +1730,9 @@ class OpenVLAIntegration(Integration):
                 mask = kwargs.get("attention_mask")
                 mask_row = mask[:, :, -1:, :k.shape[-2]] if isinstance(mask, torch.Tensor) and mask.dim() == 4 else None
                 rt.decode_steps += 1
-                if rec is not None:
-                    rt.pending.append(rec + (mask_row, rt.kept_visual if pruned_here else None, n, None))
+                if rec is not None:  # with the layer's own query when handed over (not on the reference path)
+                    q = _captured_queries(rt, layer_idx, k, 1) if _FAST_PATHS else None
+                    rt.pending.append(rec + (mask_row, rt.kept_visual if pruned_here else None, n, q))
                     rt.action_rows += 1
                     rt.t_scoring += time.perf_counter() - t0
                     return None

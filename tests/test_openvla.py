@@ -988,6 +988,81 @@ def test_batched_decode_rows_with_padding_mask_and_prefix_keys(monkeypatch, acti
     assert float((got - want).abs().max()) < 1e-6
 
 
+@pytest.mark.skipif(not NEW_TRANSFORMERS, reason="queries are handed over on transformers >= 4.48 only")
+@pytest.mark.parametrize("layer,action_layer", [(2, 3), (2, 1)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_rows_off_the_plan_use_the_layers_own_queries(monkeypatch, layer, action_layer, batch):
+    """Where no ``_RowPlan`` scores the rows (a GPU, another dtype; forced here on the CPU), the
+    semantic row, the prefill action row and the deferred decode rows take the scoring layers' own
+    post-RoPE queries (no q_proj, no RoPE) and the decode rows are scored in one batched computation
+    with the additive causal bias: the same keep sets and actions as the reference path (each row
+    recomputed and scored alone), action history and semantic scores within fp32 rounding."""
+    from vprune.integrations import openvla
+
+    config = vprune.VisualPruning(keep=0.25, layer=layer, action_layer=action_layer, warmup=1)
+    reference = {}
+    with monkeypatch.context() as ref:
+        ref.setattr(openvla, "_FAST_PATHS", False)
+        ref.setattr(openvla, "_BATCHED_DECODE", False)
+        reference = _record_steps(_host("testbed", seed=7), config, batch)
+    handed = {"queries": 0, "batched_with_queries": 0}
+    original_queries, original_batched = openvla._captured_queries, openvla._batched_rows_total
+
+    def queries(*args):
+        q = original_queries(*args)
+        handed["queries"] += q is not None
+        return q
+
+    def batched(total, rows):
+        handed["batched_with_queries"] += all(rec[9] is not None for rec in rows)
+        return original_batched(total, rows)
+
+    monkeypatch.setattr(openvla, "_row_plan", lambda *args: None)  # the accelerator's route on the CPU
+    monkeypatch.setattr(openvla, "_captured_queries", queries)
+    monkeypatch.setattr(openvla, "_batched_rows_total", batched)
+    got = _record_steps(_host("testbed", seed=7), config, batch)
+    _assert_close_records(got, reference)
+    decode_rows = np.asarray(got[0][1]).shape[-1] - 1  # action tokens after the prefill's
+    rows_per_step = (1 if action_layer == layer - 1 else 2) + decode_rows  # the semantic row seeds at K-1
+    assert decode_rows >= 1 and handed["queries"] == len(got) * rows_per_step
+    assert handed["batched_with_queries"] == len(got) - 1  # each step's rows, at the next step's scoring
+    monkeypatch.setattr(openvla, "_HANDED_QUERIES", False)  # the diagnostic switch: every query recomputed
+    handed.update(queries=0, batched_with_queries=0)
+    _assert_close_records(_record_steps(_host("testbed", seed=7), config, batch), reference)
+    assert handed == {"queries": 0, "batched_with_queries": 0}
+
+
+def test_batched_rows_with_handed_over_queries_equal_recomputed_ones(monkeypatch):
+    """Decode rows that carry their layer's query: each query has the bits of one row's q_proj + RoPE,
+    and ``_batched_rows_total`` on them equals, within fp32 rounding, the same rows with the queries
+    recomputed and each row scored alone."""
+    from vprune.integrations import openvla
+
+    monkeypatch.setattr(openvla, "_row_plan", lambda *args: None)  # keep the rows for the general scorer
+    m = _testbed(seed=12)
+    ids, pix = T.inputs(seed=19, batch=2)
+    vprune.patch(m, vprune.VisualPruning(keep=0.25, warmup=0, action_layer=3))
+    try:
+        _greedy(m, ids, pix, 4)
+        rows = list(_runtime(m).pending)
+    finally:
+        vprune.unpatch(m)
+    assert len(rows) == 4 and openvla._batchable(rows)
+    if NEW_TRANSFORMERS:
+        assert all(rec[9] is not None and rec[9].shape == (2, 4, 1, rec[5].shape[-1]) for rec in rows)
+        for attn, geometry, h_row, cos_r, sin_r, *_, q in rows:  # the bits one row's q_proj + RoPE give
+            assert torch.equal(q.select(2, 0), openvla._row_query(attn, geometry, h_row, cos_r, sin_r))
+    recomputed = [rec[:9] + (None,) for rec in rows]
+    got = openvla._batched_rows_total(None, rows)
+    # the recomputing path projects the R rows in one matmul, which rounds in another order
+    torch.testing.assert_close(got, openvla._batched_rows_total(None, recomputed), atol=1e-6, rtol=1e-5)
+    want = None
+    for rec in recomputed:
+        vis = openvla._score_decode_row(rec)
+        want = vis if want is None else want + vis
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("batch", [1, 2])
 def test_host_selection_on_cuda_keeps_the_torch_paths_tokens(monkeypatch, batch):
@@ -1018,6 +1093,50 @@ def test_host_selection_on_cuda_keeps_the_torch_paths_tokens(monkeypatch, batch)
     assert seen["calls"] == 3  # every pruned step (the first is warm-up)
     assert host == run(False)
     assert seen["calls"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cuda_steps_keep_the_reference_paths_tokens(monkeypatch, batch):
+    """On CUDA the default route (handed-over queries, decode rows batched with the causal bias, host
+    selection) keeps the same tokens and takes the same actions as the reference path (every query
+    recomputed, each row scored alone, the torch selection); the action history within fp32 rounding."""
+    from vprune.integrations import openvla
+
+    def run():
+        model = _testbed(seed=8).cuda()
+        vprune.patch(model, vprune.VisualPruning(keep=0.25, warmup=1, action_layer=3))
+        rec = []
+        try:
+            for step in range(4):
+                ids, pix = T.inputs(seed=40 + step, batch=batch)
+                act = _act(model, ids.cuda(), pix.cuda())
+                hist = _runtime(model).history.scores
+                rec.append(([s["kept_indices"] for s in vprune.stats(model)["per_sample"]], act.tolist(),
+                            None if hist is None else hist.cpu()))
+        finally:
+            vprune.unpatch(model)
+        return rec
+
+    used = {"queries": 0}
+    original = openvla._captured_queries
+
+    def counted(*args):
+        q = original(*args)
+        used["queries"] += q is not None
+        return q
+
+    monkeypatch.setattr(openvla, "_captured_queries", counted)
+    got = run()
+    assert used["queries"] >= 4 * 3 or not NEW_TRANSFORMERS  # semantic, prefill action and decode rows
+    for flag in ("_FAST_PATHS", "_BATCHED_DECODE", "_HOST_SELECT", "_HANDED_QUERIES"):
+        monkeypatch.setattr(openvla, flag, False)
+    want = run()
+    for a, b in zip(got, want):
+        assert a[:2] == b[:2]
+        assert (a[2] is None) == (b[2] is None)
+        if a[2] is not None:
+            torch.testing.assert_close(a[2], b[2], atol=1e-5, rtol=1e-4)
 
 
 def test_scoring_layers_hand_over_their_queries_and_compute_the_same(monkeypatch):

@@ -8,7 +8,9 @@ Variants (one set of weights; each patched variant is its own ``shared_clone``, 
 past its warm-up): ``unpatched``; ``short`` (the LM sees only [BOS, k patches, prompt]: the host
 work of a shorter input without vprune); ``patched`` (the defaults); ``patched:torch_select``
 (``openvla._HOST_SELECT`` off: dual's greedy loop as torch ops on the device);
-``patched:per_row_decode`` (``openvla._BATCHED_DECODE`` off: each decode row scored in its forward).
+``patched:per_row_decode`` (``openvla._BATCHED_DECODE`` off: each decode row scored in its forward);
+``patched:recomputed_queries`` (``openvla._HANDED_QUERIES`` off: every scored row's query recomputed
+with q_proj + RoPE instead of taken from its layer).
 The switches are set right before each call. Per variant: wall ms (median and IQR of interleaved
 rounds, device synchronised around each call), vprune's own host time per step by part (the
 integration's timers, ``vprune.stats(model)["overhead_ms"]``), CUDA kernel launches per step (``cudaLaunchKernel`` /
@@ -36,9 +38,10 @@ _SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaE
 
 #: variant -> the openvla switches it runs with
 SWITCHES = {
-    "patched": {"_HOST_SELECT": True, "_BATCHED_DECODE": True},
-    "patched:torch_select": {"_HOST_SELECT": False, "_BATCHED_DECODE": True},
-    "patched:per_row_decode": {"_HOST_SELECT": True, "_BATCHED_DECODE": False},
+    "patched": {"_HOST_SELECT": True, "_BATCHED_DECODE": True, "_HANDED_QUERIES": True},
+    "patched:torch_select": {"_HOST_SELECT": False, "_BATCHED_DECODE": True, "_HANDED_QUERIES": True},
+    "patched:per_row_decode": {"_HOST_SELECT": True, "_BATCHED_DECODE": False, "_HANDED_QUERIES": True},
+    "patched:recomputed_queries": {"_HOST_SELECT": True, "_BATCHED_DECODE": True, "_HANDED_QUERIES": False},
 }
 
 
