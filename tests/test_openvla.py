@@ -1112,12 +1112,17 @@ def test_host_selection_on_cuda_keeps_the_torch_paths_tokens(monkeypatch, batch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("padding_known", [True, False])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_cuda_steps_keep_the_reference_paths_tokens(monkeypatch, batch):
-    """On CUDA the default route (handed-over queries, decode rows batched with the causal bias, host
-    selection) keeps the same tokens and takes the same actions as the reference path (every query
-    recomputed, each row scored alone, the torch selection); the action history within fp32 rounding."""
+def test_cuda_steps_keep_the_reference_paths_tokens(monkeypatch, batch, padding_known):
+    """On CUDA the default route (slice rows, handed-over queries, decode rows batched with the causal
+    bias, host selection) keeps the same tokens and takes the same actions as the reference path
+    (every query recomputed, each row scored alone, the torch selection); the action history within
+    fp32 rounding. Also with padding taken as unknown (the gathered-row route of padded batches)."""
     from vprune.integrations import openvla
+
+    if not padding_known:
+        monkeypatch.setattr(openvla, "_padding_free", lambda *args: False)
 
     def run():
         model = _testbed(seed=8).cuda()
@@ -1126,7 +1131,7 @@ def test_cuda_steps_keep_the_reference_paths_tokens(monkeypatch, batch):
         try:
             for step in range(4):
                 ids, pix = T.inputs(seed=40 + step, batch=batch)
-                act = _act(model, ids.cuda(), pix.cuda())
+                act = _act(model, ids.cuda(), pix.cuda(), attention_mask=torch.ones_like(ids).cuda())
                 hist = _runtime(model).history.scores
                 rec.append(([s["kept_indices"] for s in vprune.stats(model)["per_sample"]], act.tolist(),
                             None if hist is None else hist.cpu()))
@@ -1144,7 +1149,7 @@ def test_cuda_steps_keep_the_reference_paths_tokens(monkeypatch, batch):
 
     monkeypatch.setattr(openvla, "_captured_queries", counted)
     got = run()
-    assert used["queries"] >= 4 * 3 or not NEW_TRANSFORMERS  # semantic, prefill action and decode rows
+    assert used["queries"] >= 4 * 3 or not NEW_TRANSFORMERS  # at least the decode rows of 3 pruned steps
     for flag in ("_FAST_PATHS", "_BATCHED_DECODE", "_HOST_SELECT", "_HANDED_QUERIES"):
         monkeypatch.setattr(openvla, flag, False)
     want = run()

@@ -216,6 +216,17 @@ def _gather_decode_mask(mask: torch.Tensor, keep: torch.Tensor, length: int) -> 
     return _gather_seq(mask, idx, 1)
 
 
+def _padding_free(text_mask: torch.Tensor, layer_kwargs: dict) -> bool:
+    """Whether the prefill's 2-D ``text_mask`` [B, L] has no padding, known without a device sync: the
+    host's attention got no mask at layer 0 (transformers drops it for SDPA's causal path only after
+    finding every entry 1, in 4.40 as in 5.x: the model itself sees no padding), or the mask is on the
+    CPU and all ones. Otherwise (an accelerator's mask the host kept, e.g. eager attention's 4-D one)
+    padding may be there: False."""
+    if "attention_mask" in layer_kwargs and layer_kwargs["attention_mask"] is None:
+        return True
+    return text_mask.device.type == "cpu" and bool(text_mask.all())
+
+
 def _row_allowed(mask_rows: torch.Tensor) -> Optional[torch.Tensor]:
     """``_bool_allowed`` of a host mask's scoring rows, or None on the CPU when they allow every key
     (transformers 4.40 passes a 4-D mask even without padding): the masked softmax then gives the same
@@ -1299,8 +1310,7 @@ class OpenVLAIntegration(Integration):
             rt.mm_mask = None  # None: every token is real
             rt.dense = _FAST_PATHS  # no padding: scoring rows are plain slices, no row masks
             if isinstance(tm, torch.Tensor) and tm.dim() == 2 and tm.shape[1] + n == rt.seq_len:
-                # a CPU mask is read without a device sync; elsewhere assume padding may be there
-                if tm.device.type != "cpu" or not bool(tm.all()):
+                if not _padding_free(tm, kwargs):
                     ones = torch.ones(b, n, dtype=torch.bool, device=tm.device)
                     rt.mm_mask = torch.cat([tm[:, :1].bool(), ones, tm[:, 1:].bool()], dim=1).to(hidden.device)
                     rt.dense = False

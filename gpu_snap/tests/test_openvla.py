@@ -1032,6 +1032,22 @@ def test_rows_off_the_plan_use_the_layers_own_queries(monkeypatch, layer, action
     assert handed == {"queries": 0, "batched_with_queries": 0}
 
 
+def test_padding_free_is_known_without_reading_an_accelerators_mask():
+    """No padding is known from the host's layer-0 mask alone (None: transformers dropped it after
+    finding no padding) without reading the 2-D mask, which on an accelerator would sync; a CPU mask is
+    read; an accelerator's mask the host kept means padding may be there."""
+    from vprune.integrations import openvla
+
+    on_device = torch.ones(2, 9, device="meta")  # any read of it would fail
+    assert openvla._padding_free(on_device, {"attention_mask": None})
+    assert not openvla._padding_free(on_device, {"attention_mask": torch.zeros(2, 1, 9, 9, device="meta")})
+    assert not openvla._padding_free(on_device, {})  # the host passed no mask keyword: unknown
+    cpu = torch.ones(2, 9, dtype=torch.long)
+    assert openvla._padding_free(cpu, {"attention_mask": torch.zeros(2, 1, 9, 9)})
+    cpu[0, 0] = 0
+    assert not openvla._padding_free(cpu, {"attention_mask": torch.zeros(2, 1, 9, 9)})
+
+
 def test_batched_rows_with_handed_over_queries_equal_recomputed_ones(monkeypatch):
     """Decode rows that carry their layer's query: each query has the bits of one row's q_proj + RoPE,
     and ``_batched_rows_total`` on them equals, within fp32 rounding, the same rows with the queries
@@ -1132,11 +1148,12 @@ def test_cuda_steps_keep_the_reference_paths_tokens(monkeypatch, batch):
     for flag in ("_FAST_PATHS", "_BATCHED_DECODE", "_HOST_SELECT", "_HANDED_QUERIES"):
         monkeypatch.setattr(openvla, flag, False)
     want = run()
-    for a, b in zip(got, want):
-        assert a[:2] == b[:2]
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert a[0] == b[0], f"step {step}: kept {a[0]} vs the reference's {b[0]}"
+        assert a[1] == b[1], f"step {step}: action {a[1]} vs the reference's {b[1]}"
         assert (a[2] is None) == (b[2] is None)
         if a[2] is not None:
-            torch.testing.assert_close(a[2], b[2], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a[2], b[2], atol=1e-5, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
 
 
 def test_scoring_layers_hand_over_their_queries_and_compute_the_same(monkeypatch):
