@@ -713,6 +713,23 @@ def _count_calls(monkeypatch, name):
     return seen
 
 
+def _count_handed_queries(monkeypatch):
+    """A dict whose "queries" counts, from now on, the rows that took their layer's handed-over query
+    (``_captured_queries`` returned one)."""
+    from vprune.integrations import openvla
+
+    used = {"queries": 0}
+    original = openvla._captured_queries
+
+    def counted(*args):
+        q = original(*args)
+        used["queries"] += q is not None
+        return q
+
+    monkeypatch.setattr(openvla, "_captured_queries", counted)
+    return used
+
+
 def _count_prefill_mean_fast(monkeypatch):
     """A dict whose "calls" counts the runs of prefill_mean's CPU fast path from now on."""
     return _count_calls(monkeypatch, "_plan_mean_scores")
@@ -1005,20 +1022,15 @@ def test_rows_off_the_plan_use_the_layers_own_queries(monkeypatch, layer, action
         ref.setattr(openvla, "_FAST_PATHS", False)
         ref.setattr(openvla, "_BATCHED_DECODE", False)
         reference = _record_steps(_host("testbed", seed=7), config, batch)
-    handed = {"queries": 0, "batched_with_queries": 0}
-    original_queries, original_batched = openvla._captured_queries, openvla._batched_rows_total
-
-    def queries(*args):
-        q = original_queries(*args)
-        handed["queries"] += q is not None
-        return q
+    handed = _count_handed_queries(monkeypatch)
+    handed["batched_with_queries"] = 0
+    original_batched = openvla._batched_rows_total
 
     def batched(total, rows):
         handed["batched_with_queries"] += all(rec[9] is not None for rec in rows)
         return original_batched(total, rows)
 
     monkeypatch.setattr(openvla, "_row_plan", lambda *args: None)  # the accelerator's route on the CPU
-    monkeypatch.setattr(openvla, "_captured_queries", queries)
     monkeypatch.setattr(openvla, "_batched_rows_total", batched)
     got = _record_steps(_host("testbed", seed=7), config, batch)
     _assert_close_records(got, reference)
@@ -1139,15 +1151,7 @@ def test_cuda_steps_keep_the_reference_paths_tokens(monkeypatch, batch, padding_
             vprune.unpatch(model)
         return rec
 
-    used = {"queries": 0}
-    original = openvla._captured_queries
-
-    def counted(*args):
-        q = original(*args)
-        used["queries"] += q is not None
-        return q
-
-    monkeypatch.setattr(openvla, "_captured_queries", counted)
+    used = _count_handed_queries(monkeypatch)
     got = run()
     assert used["queries"] >= 4 * 3 or not NEW_TRANSFORMERS  # at least the decode rows of 3 pruned steps
     for flag in ("_FAST_PATHS", "_BATCHED_DECODE", "_HOST_SELECT", "_HANDED_QUERIES"):
@@ -1185,15 +1189,7 @@ def test_scoring_layers_hand_over_their_queries_and_compute_the_same(monkeypatch
     assert sorted(captures) == [1]  # K-1 = the action layer = 1 on a 4-layer testbed
     from transformers.modeling_utils import AttentionInterface
     assert _compat.CAPTURE_NAME not in AttentionInterface._global_mapping  # removed with the last user
-    used = {"queries": 0}
-    original = openvla._captured_queries
-
-    def counted(*args):
-        q = original(*args)
-        used["queries"] += q is not None
-        return q
-
-    monkeypatch.setattr(openvla, "_captured_queries", counted)
+    used = _count_handed_queries(monkeypatch)
     rec = _record_steps(m, vprune.VisualPruning(keep=0.25, semantic="prefill_mean", warmup=1), batch=1, steps=3)
     decode_rows = len(rec[0][1]) - 1  # action tokens after the prefill's
     assert decode_rows >= 1 and used["queries"] == 3 * (1 + decode_rows)  # every prefill, every decode row
