@@ -1060,6 +1060,28 @@ def test_padding_free_is_known_without_reading_an_accelerators_mask():
     assert not openvla._padding_free(cpu, {"attention_mask": torch.zeros(2, 1, 9, 9)})
 
 
+@pytest.mark.parametrize("kind", ["tiny", "testbed"])
+def test_the_hosts_layer_mask_is_none_exactly_without_padding(kind):
+    """``_padding_free``'s premise, on the installed transformers (4.40.1 in the compat venv, 5.x):
+    under SDPA the host hands decoder layer 0 no mask for an all-ones 2-D mask, and a mask tensor
+    for a left-padded batch."""
+    m = _host(kind, seed=13)
+    seen = []
+    hook = _layers(m)[0].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs.get("attention_mask", "absent")), with_kwargs=True)
+    ids, pix = T.inputs(seed=23, batch=2)
+    mask = torch.ones_like(ids)
+    try:
+        with torch.no_grad():
+            m(input_ids=ids, pixel_values=pix, attention_mask=mask)
+            ids[0, :2], mask[0, :2] = 0, 0
+            m(input_ids=ids, pixel_values=pix, attention_mask=mask)
+    finally:
+        hook.remove()
+    assert seen[0] is None
+    assert isinstance(seen[1], torch.Tensor)
+
+
 def test_batched_rows_with_handed_over_queries_equal_recomputed_ones(monkeypatch):
     """Decode rows that carry their layer's query: each query has the bits of one row's q_proj + RoPE,
     and ``_batched_rows_total`` on them equals, within fp32 rounding, the same rows with the queries
