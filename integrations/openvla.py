@@ -59,7 +59,8 @@ On transformers >= 4.48 the attention modules of the scoring layers hand their p
 over (``_compat.capture_queries``: a per-module config copy whose registered attention function keeps
 them and calls the stock one), so prefill_mean's rows and the deferred decode rows skip the q_proj
 matmul and RoPE; prefill_mean's scores stay bit-identical to the general path's. Off the plan (CUDA,
-other dtypes) the semantic row, the prefill action row and the decode rows use them too.
+other dtypes) the semantic row, the prefill action row and the decode rows use them too, and
+prefill_mean's rows are scored from them in fp32 with the cached causal bias (``_QueryPlan``).
 On the testbed CPU each small torch op (a view too) costs 5-60 us inside a policy step, so these cut
 vprune's own time per step from ~5 ms to ~1.2 ms (``vprune eval vla``; scoring + selection ~0.9-1.0
 ms of it). Off the CPU fast path (CUDA, other dtypes, ``_FAST_PATHS`` off) a decode step also only keeps
@@ -350,6 +351,18 @@ class _RowPlan:
             and proj._parameters.get("bias") is None and not proj._forward_hooks and not proj._forward_pre_hooks
 
 
+class _QueryPlan:
+    """What ``_plan_mean_scores`` reads of a ``_RowPlan`` when the layer handed its queries over (no
+    q_proj, no RoPE): the head count and size and the scale, for any device and dtype."""
+
+    __slots__ = ("n_heads", "head_dim", "scale", "scale_f", "heads")
+
+    def __init__(self, geometry: Tuple[int, int, int, float]) -> None:
+        n_heads, _, head_dim, scale = geometry
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.scale, self.scale_f, self.heads = _scalar(scale), float(scale), _scalar(float(n_heads))
+
+
 _PLANS: Dict[int, Tuple[Any, Optional[_RowPlan]]] = {}
 
 
@@ -463,7 +476,7 @@ def _causal_bias(length: int, device: Optional[torch.device] = None) -> torch.Te
         torch.ones(length, length, dtype=torch.bool, device=device).triu_(1), float("-inf")), bounded=True)
 
 
-def _plan_mean_scores(plan: _RowPlan, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def _plan_mean_scores(plan: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       k: torch.Tensor, blocked: torch.Tensor, last_row: bool = False,
                       q: Optional[torch.Tensor] = None) -> Any:
     """``semantic="prefill_mean"`` without padding through a ``_RowPlan``: the attention [B, T] of every
@@ -472,7 +485,8 @@ def _plan_mean_scores(plan: _RowPlan, hidden: torch.Tensor, cos: torch.Tensor, s
     post-RoPE queries [B, H, L, Dh] (``_captured_queries``: no q_proj matmul or RoPE here). blocked: the keys a row may not attend, bool [B|1, 1|H, L, T], or the fp32 [L, L]
     ``_causal_bias``. The ops and shapes of ``_query_keys`` + ``attention_row_scores`` with all-ones
     row weights (q_proj as one [B*L, D] matmul, RoPE, fp32 q k^T * scale, -inf fill, softmax, head
-    mean, row mean): the same numbers. No row is fully masked (the caller checks): no zero fill."""
+    mean, row mean): the same numbers. No row is fully masked (the caller checks): no zero fill.
+    plan: a ``_RowPlan``, or a ``_QueryPlan`` when q is given (any device and dtype)."""
     b, length, _ = hidden.shape
     n_heads, head_dim = plan.n_heads, plan.head_dim
     bk, n_kv, t, d = k.shape
@@ -481,6 +495,8 @@ def _plan_mean_scores(plan: _RowPlan, hidden: torch.Tensor, cos: torch.Tensor, s
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B|1, L, 1, Dh]: broadcast over the heads
         q = q * cos + q.roll(plan.half, -1) * (sin * plan.signs)
         q = q.transpose(1, 2)
+    elif q.dtype != torch.float32:  # a _QueryPlan's handed-over bf16/fp16 queries: fp32 scores
+        q, k = q.float(), k.float()
     # GQA without repeating the keys: the G query heads of key head kv (h = kv * G + g) are one
     # [G*L, Dh] block of q, multiplied by that head's keys once (the same products: the tests
     # compare them bit for bit with the general path's repeated keys)
@@ -1504,10 +1520,12 @@ class OpenVLAIntegration(Integration):
 
     def _fast_prefill_mean(self, attn: Any, rt: _Runtime, args: tuple, kwargs: dict,
                            length: int) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """``semantic="prefill_mean"`` on the CPU without padding: (scores [B, L], the last row's scores
-        [B, L] when it is also the first action row, else None), the previous step's action rows
-        committed; None (nothing done) when the general path must run: no plan (not fp32 CPU, q_proj
-        not a plain Linear), no cached keys, or a host mask that blocks a whole row."""
+        """``semantic="prefill_mean"`` without padding: (scores [B, L], the last row's scores [B, L]
+        when it is also the first action row, else None), the previous step's action rows committed;
+        None (nothing done) when the general path must run: no plan (not fp32 CPU or q_proj not a plain
+        Linear, and no handed-over queries), no cached keys, or a host mask that blocks a whole row.
+        With the layer's own queries and no ``_RowPlan`` (CUDA, other dtypes) a ``_QueryPlan`` scores
+        them (not when the first action row must be scored alone: ``_BATCHED_DECODE`` off)."""
         layer_idx = rt.layer - 1
         k = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
         if k is None:
@@ -1518,10 +1536,15 @@ class OpenVLAIntegration(Integration):
         if k.shape[-2] != length:
             k = k[..., :length, :]
         plan = _row_plan(attn) if _plannable(hidden, cos, k) and hidden.shape[1] == length else None
-        blocked = None if plan is None else self._prefill_blocked(kwargs, length)
+        seeds = rt.query_rows == 1 and rt.needs_action and rt.action_layer == layer_idx
+        if plan is None and queries is not None and hidden.shape[1] == length and (_BATCHED_DECODE or not seeds):
+            geometry = self._geometry.get(attn)
+            if geometry is None:
+                geometry = self._geometry[attn] = _compat.attention_geometry(attn)
+            plan = _QueryPlan(geometry)
+        blocked = None if plan is None else self._prefill_blocked(kwargs, length, k.device)
         if blocked is None:
             return None
-        seeds = rt.query_rows == 1 and rt.needs_action and rt.action_layer == layer_idx
         if seeds and _BATCHED_DECODE:  # the last row as the first action row, from the rows computed
             rt.commit_stashed()         # here (the numbers of scoring it alone within fp32 rounding)
             return _plan_mean_scores(plan, hidden, cos, sin, k, blocked, last_row=True, q=queries)
@@ -1537,15 +1560,16 @@ class OpenVLAIntegration(Integration):
         return _plan_mean_scores(plan, hidden, cos, sin, k, blocked, q=queries), seed_row
 
     @staticmethod
-    def _prefill_blocked(kwargs: dict, length: int) -> Optional[torch.Tensor]:
+    def _prefill_blocked(kwargs: dict, length: int, device: torch.device) -> Optional[torch.Tensor]:
         """The keys each prefill row may not attend (no padding): bool [B|1, 1|H, L, L] from the host's
-        4-D mask when there is one (``_row_mask``'s rows), else the cached fp32 ``_causal_bias``; None
-        when a row would have no key at all (the general path zeroes such rows)."""
+        4-D mask when there is one (``_row_mask``'s rows), else the cached fp32 ``_causal_bias`` on
+        ``device``; None when a row would have no key at all (the general path zeroes such rows) or
+        when finding that out would sync an accelerator (a 4-D mask off the CPU)."""
         mask = kwargs.get("attention_mask")
         if not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
-            return _causal_bias(length)
+            return _causal_bias(length, device)
         m = mask[..., :length]
-        if m.shape[2] != length:
+        if m.shape[2] != length or m.device.type != "cpu":
             return None
         blocked = ~_bool_allowed(m)
         return None if bool(blocked.all(dim=-1).any()) else blocked

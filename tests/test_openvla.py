@@ -1006,17 +1006,19 @@ def test_batched_decode_rows_with_padding_mask_and_prefix_keys(monkeypatch, acti
 
 
 @pytest.mark.skipif(not NEW_TRANSFORMERS, reason="queries are handed over on transformers >= 4.48 only")
+@pytest.mark.parametrize("semantic", ["last", "prefill_mean"])
 @pytest.mark.parametrize("layer,action_layer", [(2, 3), (2, 1)])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_rows_off_the_plan_use_the_layers_own_queries(monkeypatch, layer, action_layer, batch):
+def test_rows_off_the_plan_use_the_layers_own_queries(monkeypatch, layer, action_layer, batch, semantic):
     """Where no ``_RowPlan`` scores the rows (a GPU, another dtype; forced here on the CPU), the
-    semantic row, the prefill action row and the deferred decode rows take the scoring layers' own
-    post-RoPE queries (no q_proj, no RoPE) and the decode rows are scored in one batched computation
-    with the additive causal bias: the same keep sets and actions as the reference path (each row
-    recomputed and scored alone), action history and semantic scores within fp32 rounding."""
+    semantic row (prefill_mean: every prefill row, through a ``_QueryPlan``), the prefill action row and
+    the deferred decode rows take the scoring layers' own post-RoPE queries (no q_proj, no RoPE) and
+    the decode rows are scored in one batched computation with the additive causal bias: the same
+    keep sets and actions as the reference path (each row recomputed and scored alone), action
+    history and semantic scores within fp32 rounding."""
     from vprune.integrations import openvla
 
-    config = vprune.VisualPruning(keep=0.25, layer=layer, action_layer=action_layer, warmup=1)
+    config = vprune.VisualPruning(keep=0.25, layer=layer, action_layer=action_layer, warmup=1, semantic=semantic)
     reference = {}
     with monkeypatch.context() as ref:
         ref.setattr(openvla, "_FAST_PATHS", False)
@@ -1032,10 +1034,13 @@ def test_rows_off_the_plan_use_the_layers_own_queries(monkeypatch, layer, action
 
     monkeypatch.setattr(openvla, "_row_plan", lambda *args: None)  # the accelerator's route on the CPU
     monkeypatch.setattr(openvla, "_batched_rows_total", batched)
+    means = _count_prefill_mean_fast(monkeypatch)
     got = _record_steps(_host("testbed", seed=7), config, batch)
     _assert_close_records(got, reference)
+    assert means["calls"] == (len(got) if semantic == "prefill_mean" else 0)  # every prefill's rows
     decode_rows = np.asarray(got[0][1]).shape[-1] - 1  # action tokens after the prefill's
-    rows_per_step = (1 if action_layer == layer - 1 else 2) + decode_rows  # the semantic row seeds at K-1
+    # the semantic row (or rows) seeds the first action row at K-1
+    rows_per_step = (1 if action_layer == layer - 1 else 2) + decode_rows
     assert decode_rows >= 1 and handed["queries"] == len(got) * rows_per_step
     assert handed["batched_with_queries"] == len(got) - 1  # each step's rows, at the next step's scoring
     monkeypatch.setattr(openvla, "_HANDED_QUERIES", False)  # the diagnostic switch: every query recomputed
@@ -1080,6 +1085,43 @@ def test_the_hosts_layer_mask_is_none_exactly_without_padding(kind):
         hook.remove()
     assert seen[0] is None
     assert isinstance(seen[1], torch.Tensor)
+
+
+@pytest.mark.skipif(not NEW_TRANSFORMERS, reason="queries are handed over on transformers >= 4.48 only")
+def test_bf16_prefill_mean_scores_the_handed_over_queries_in_fp32(monkeypatch):
+    """A bf16 policy (no ``_RowPlan``: the dtype of a GPU deployment) with ``semantic="prefill_mean"``:
+    every prefill's rows are scored from the layer's own bf16 queries in fp32 (``_QueryPlan``), and
+    keep the tokens and take the actions of the reference path."""
+    from vprune.integrations import openvla
+
+    config = vprune.VisualPruning(keep=0.25, layer=2, action_layer=3, warmup=1, semantic="prefill_mean")
+
+    def run():
+        with torch.no_grad():
+            model = _testbed(seed=7).to(torch.bfloat16)
+        vprune.patch(model, config)
+        rec = []
+        try:
+            for step in range(4):
+                ids, pix = T.inputs(seed=30 + step)
+                act = _act(model, ids, pix.to(torch.bfloat16))
+                rt = _runtime(model)
+                rec.append(([s["kept_indices"] for s in vprune.stats(model)["per_sample"]], act.tolist(),
+                            rt.semantic.dtype, rt.semantic.clone()))
+        finally:
+            vprune.unpatch(model)
+        return rec
+
+    means = _count_prefill_mean_fast(monkeypatch)
+    got = run()
+    assert means["calls"] == 4
+    with monkeypatch.context() as ref:
+        for flag in ("_FAST_PATHS", "_BATCHED_DECODE", "_HANDED_QUERIES"):
+            ref.setattr(openvla, flag, False)
+        want = run()
+    for a, b in zip(got, want):
+        assert a[:2] == b[:2] and a[2] == b[2] == torch.float32
+        torch.testing.assert_close(a[3], b[3], atol=1e-6, rtol=1e-5)
 
 
 def test_batched_rows_with_handed_over_queries_equal_recomputed_ones(monkeypatch):
