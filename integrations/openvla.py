@@ -110,7 +110,7 @@ from vprune.kernels import gather_rows
 from vprune.integrations import _compat
 from vprune.integrations._transfer import to_device
 from vprune.integrations.registry import Integration
-from vprune.scoring import attention_row_scores, attention_rows, repeat_kv_heads
+from vprune.scoring import attention_row_scores, attention_rows
 from vprune.selection import dual_select, dual_select_host, dual_select_packed, select_tokens
 from vprune.temporal import ActionHistory
 from vprune.undo import vprune_subclass
@@ -439,30 +439,36 @@ def _plan_attend(plan: _RowPlan, q: torch.Tensor, k: torch.Tensor) -> torch.Tens
 def _plan_batched_rows(plan: _RowPlan, rows: List[Tuple[Any, ...]]) -> torch.Tensor:
     """The attention [B, R, T] of R ``_consecutive`` decode rows without mask rows (the CPU fast path's
     records) over the last row's keys [B, Hkv, T, Dh], through a ``_RowPlan``, in one computation:
-    the rows' queries as the layer computed them (``_captured_queries``) or one q_proj matmul and RoPE, one fp32 q k^T per key head for its G query heads and R rows
-    (no copy of the keys), a cached additive mask (row i attends the first T - R + 1 + i keys), one
-    softmax, the head mean. ``_plan_rows_scores`` runs about 8 torch calls a row (each costs 5-60 us
+    the rows' queries as the layer computed them (``_captured_queries``) or one q_proj matmul and
+    RoPE, then ``_causal_rows_probs``. ``_plan_rows_scores`` runs about 8 torch calls a row (each costs 5-60 us
     inside a policy step); the numbers equal it within fp32 rounding (the matmuls over more rows and
     the softmax over the masked longer rows round in another order), not bit for bit."""
     b, r = rows[0][2].shape[0], len(rows)
-    n_heads, head_dim = plan.n_heads, plan.head_dim
-    k = rows[-1][5]
-    bk, n_kv, t, _ = k.shape
-    group = n_heads // n_kv
     if all(rec[9] is not None for rec in rows):  # the layer's own queries [B, H, 1, Dh]
-        q = torch.cat([rec[9] for rec in rows], dim=2).view(b * n_kv, group * r, head_dim)
+        q = torch.cat([rec[9] for rec in rows], dim=2)
     else:
         hidden = torch.cat([rec[2].view(b, 1, -1) for rec in rows], dim=1)  # [B, R, D]
         cos, sin = (_stack_rope([rec[i] for rec in rows], b).unsqueeze(2) for i in (3, 4))  # [B|1, R, 1, Dh]
-        q = torch.mm(hidden.view(b * r, -1), plan.w_t).view(b, r, n_heads, head_dim)
-        q = q * cos + q.roll(plan.half, -1) * (sin * plan.signs)
-        # [B, R, Hkv, G, Dh] -> [B*Hkv, G*R, Dh]: query head h = kv * G + g reads key head kv
-        q = q.view(b, r, n_kv, group, head_dim).permute(0, 2, 3, 1, 4).reshape(b * n_kv, group * r, head_dim)
-    logits = torch.bmm(q, k.reshape(bk * n_kv, t, head_dim).transpose(1, 2)).view(b, n_heads, r, t)
-    # row i may attend the first T - R + 1 + i keys: the last R rows of the [T, T] causal bias
-    logits = torch.add(_causal_bias(t)[t - r:], logits, alpha=plan.scale_f)
+        q = torch.mm(hidden.view(b * r, -1), plan.w_t).view(b, r, plan.n_heads, plan.head_dim)
+        q = (q * cos + q.roll(plan.half, -1) * (sin * plan.signs)).transpose(1, 2)
+    return _causal_rows_probs(q, rows[-1][5], plan.scale_f, plan.heads)
+
+
+def _causal_rows_probs(q: torch.Tensor, k: torch.Tensor, scale: float, heads: torch.Tensor) -> torch.Tensor:
+    """Head-mean attention [B, R, T] of the R consecutive last query rows ``q`` [B, H, R, Dh] (post-RoPE)
+    over ``k`` [B, Hkv, T, Dh]: row i attends the first T - R + 1 + i keys (the last R rows of the
+    cached ``_causal_bias``, added in the scale op: no row is empty, so no zero fill), in fp32. GQA
+    without repeating the keys: the G query heads of key head kv (h = kv * G + g) are one [G*R, Dh]
+    block of q. heads: the fp32 0-dim head count (on the CPU the head mean as torch's mean computes
+    it, sum then div_, without its overhead)."""
+    b, n_heads, r, d = q.shape
+    bk, n_kv, t, _ = k.shape
+    if q.dtype != torch.float32:
+        q, k = q.float(), k.float()
+    logits = torch.bmm(q.reshape(b * n_kv, -1, d), k.reshape(bk * n_kv, t, d).transpose(1, 2))
+    logits = torch.add(_causal_bias(t, k.device)[t - r:], logits.view(b, n_heads, r, t), alpha=scale)
     probs = torch.softmax(logits, dim=-1)
-    return probs.sum(dim=1).div_(plan.heads)
+    return probs.sum(dim=1).div_(heads) if probs.is_cpu else probs.mean(dim=1)
 
 
 def _causal_bias(length: int, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -736,7 +742,6 @@ def _batched_rows_total(total: Optional[torch.Tensor], rows: List[Tuple[Any, ...
     n_heads, _, head_dim, scale = geometry
     b, r = rows[0][2].shape[0], len(rows)
     k = rows[-1][5]
-    t = k.shape[-2]
     if all(rec[9] is not None for rec in rows):  # the layer's own queries [B, H, 1, Dh]
         q = rows[0][9] if r == 1 else torch.cat([rec[9] for rec in rows], dim=2)
     else:
@@ -745,11 +750,9 @@ def _batched_rows_total(total: Optional[torch.Tensor], rows: List[Tuple[Any, ...
         q = attn.q_proj(hidden).view(b, r, n_heads, head_dim).transpose(1, 2)
         q = _compat.apply_rope(q, cos, sin)
     if rows[0][6] is not None:  # the host's mask rows
-        probs = attention_rows(q, k, _rows_allowed(rows, t), scale).mean(dim=1)  # [B, R, T]
-    else:  # attention_rows' ops with the bias added in the scale op: the bits of its masked_fill
-        logits = torch.matmul(q.float(), repeat_kv_heads(k, n_heads).float().transpose(-1, -2))
-        logits = logits * scale if r == 1 else torch.add(_causal_bias(t, k.device)[t - r:], logits, alpha=scale)
-        probs = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, R, T]
+        probs = attention_rows(q, k, _rows_allowed(rows, k.shape[-2]), scale).mean(dim=1)  # [B, R, T]
+    else:
+        probs = _causal_rows_probs(q, k, scale, _scalar(float(n_heads)))
     kept, n = rows[0][7], rows[0][8]
     if kept is None:
         vis = probs[:, :, VISUAL_START:VISUAL_START + n]
