@@ -1339,6 +1339,14 @@ class OpenVLAIntegration(Integration):
 
     _geometry: "weakref.WeakKeyDictionary[Any, Tuple[int, int, int, float]]" = weakref.WeakKeyDictionary()
 
+    def _geometry_of(self, attn: Any) -> Tuple[int, int, int, float]:
+        """``_compat.attention_geometry(attn)``, read once per module (reading a transformers config
+        is slow)."""
+        geometry = self._geometry.get(attn)
+        if geometry is None:
+            geometry = self._geometry[attn] = _compat.attention_geometry(attn)
+        return geometry
+
     def _query_keys(self, attn: Any, layer_idx: int, args: tuple, kwargs: dict,
                     rows: Any) -> Tuple[torch.Tensor, torch.Tensor, float]:
         """Post-RoPE queries of ``rows`` of this call and every key of the layer. rows: int64 [B, R]
@@ -1347,9 +1355,7 @@ class OpenVLAIntegration(Integration):
         Keys come from the layer's KV cache (already updated by this call) when there is one, else they
         are recomputed from the normalised input. Returns q [B, H, R, Dh], k [B, Hkv, T, Dh], scale."""
         hidden = _compat.layer_hidden(args, kwargs)
-        geometry = self._geometry.get(attn)
-        if geometry is None:  # reading a transformers config is slow: once per module
-            geometry = self._geometry[attn] = _compat.attention_geometry(attn)
+        geometry = self._geometry_of(attn)
         n_heads, n_kv, head_dim, scale = geometry
         b, length, _ = hidden.shape
         cos, sin = _compat.rope_cos_sin(attn, hidden, kwargs)
@@ -1377,9 +1383,7 @@ class OpenVLAIntegration(Integration):
         first ``length`` keys of this prefill (``_query_keys`` + ``attention_row_scores``, leaner; the
         layer's own query when it was handed over and no ``_RowPlan`` scores the row)."""
         hidden = _compat.layer_hidden(args, kwargs)
-        geometry = self._geometry.get(attn)
-        if geometry is None:
-            geometry = self._geometry[attn] = _compat.attention_geometry(attn)
+        geometry = self._geometry_of(attn)
         keys = _compat.cache_layer_keys(_compat.layer_cache(kwargs), layer_idx)
         if keys is None:
             q, k, scale = self._query_keys(attn, layer_idx, args, kwargs, slice(row, row + 1))
@@ -1541,10 +1545,7 @@ class OpenVLAIntegration(Integration):
         plan = _row_plan(attn) if _plannable(hidden, cos, k) and hidden.shape[1] == length else None
         seeds = rt.query_rows == 1 and rt.needs_action and rt.action_layer == layer_idx
         if plan is None and queries is not None and hidden.shape[1] == length and (_BATCHED_DECODE or not seeds):
-            geometry = self._geometry.get(attn)
-            if geometry is None:
-                geometry = self._geometry[attn] = _compat.attention_geometry(attn)
-            plan = _QueryPlan(geometry)
+            plan = _QueryPlan(self._geometry_of(attn))
         blocked = None if plan is None else self._prefill_blocked(kwargs, length, k.device)
         if blocked is None:
             return None
